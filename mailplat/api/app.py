@@ -1,0 +1,68 @@
+"""The api service: the aiohttp application and its listener.
+
+Owns building the app (middlewares, routes from each views module) and serving it.  Views
+modules live in api/views/ and each has `setup(app, ctx)`.
+"""
+from __future__ import annotations
+
+import importlib
+
+from aiohttp import web
+
+from .. import logs
+from ..core.auth import KeyChecker
+from ..core.context import Context
+from .middleware import RateLimiter, error_response, make_middlewares, public
+
+log = logs.get("mailplat.api")
+
+VIEW_MODULES = [
+    "keys",
+]
+
+CTX = web.AppKey("ctx", Context)
+
+
+def create_app(ctx: Context) -> web.Application:
+    keys = KeyChecker(ctx.store)
+    limiter = RateLimiter(ctx.config.api.domains_rate_limit_per_minute)
+    app = web.Application(middlewares=make_middlewares(keys, limiter),
+                          client_max_size=ctx.config.api.max_request_bytes)
+    app[CTX] = ctx
+    for name in VIEW_MODULES:
+        importlib.import_module(f"{__package__}.views.{name}").setup(app, ctx)
+
+    @public
+    async def not_found(request: web.Request) -> web.Response:
+        return error_response(404, "Not found")
+
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    return app
+
+
+class ApiService:
+    name = "api"
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.runner: web.AppRunner | None = None
+
+    async def start(self) -> dict[str, int]:
+        app = create_app(self.ctx)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                    shutdown_timeout=30.0)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.ctx.config.server.bind, self.ctx.config.api.port,
+                           backlog=1024, reuse_address=True)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # the bound port when 0 was asked for
+        log.info("api listening", extra={"fields": {"port": port}})
+        return {"api": port}
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()  # stops accepting, lets in-flight requests finish
+
+
+def create(ctx: Context) -> ApiService:
+    return ApiService(ctx)

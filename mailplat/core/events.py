@@ -1,0 +1,82 @@
+"""Events: building Mailgun-shaped event records and storing them.
+
+Owns the event JSON (`build`) and its row (`record_sync`, called inside the same transaction
+as the change it describes).  Every service that makes something happen to mail records it
+here; the events API (api/views/events.py) reads them.
+"""
+from __future__ import annotations
+
+import secrets
+import time
+
+from ..store.models import Event, Message
+
+
+def new_event_id() -> str:
+    return secrets.token_urlsafe(16)[:22]
+
+
+def build(kind: str, message: Message | None, recipient: str = "", *, timestamp: float | None = None,
+          severity: str | None = None, reason: str | None = None, delivery_status: dict | None = None,
+          extra: dict | None = None) -> dict:
+    """The event as the events API and webhooks show it."""
+    data: dict = {
+        "id": new_event_id(),
+        "event": kind,
+        "timestamp": round(timestamp if timestamp is not None else time.time(), 6),
+        "recipient": recipient,
+        "log-level": {"failed": "error", "rejected": "warn"}.get(kind, "info"),
+    }
+    if recipient and "@" in recipient:
+        data["recipient-domain"] = recipient.rsplit("@", 1)[1]
+    if message is not None:
+        options = message.options or {}
+        data.update({
+            "message": {
+                "headers": message.headers,
+                "attachments": message.attachments,
+                "size": message.size,
+            },
+            "envelope": {
+                "sender": message.sender,
+                "targets": recipient,
+                "transport": "smtp",
+            },
+            "tags": message.tags,
+            "campaigns": [{"id": c, "name": c} for c in message.campaigns],
+            "user-variables": message.user_variables,
+            "flags": {
+                "is-test-mode": bool(options.get("testmode")),
+                "is-authenticated": True,
+                "is-routed": message.source == "route",
+                "is-big": message.size > 10 * 1024 * 1024,
+                "is-system-test": False,
+            },
+            "method": "smtp" if message.source == "smtp" else "http",
+        })
+        if message.recipient_variables and recipient in message.recipient_variables:
+            data["user-variables"] = {**message.user_variables,
+                                      **_as_dict(message.recipient_variables.get(recipient))}
+    if severity:
+        data["severity"] = severity
+    if reason:
+        data["reason"] = reason
+    if delivery_status is not None:
+        data["delivery-status"] = delivery_status
+    if extra:
+        data.update(extra)
+    return data
+
+
+def _as_dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def record_sync(domain: str, data: dict) -> Event:
+    """Store an event built by `build`; call inside the transaction of the change it describes."""
+    message_id = ""
+    if isinstance(data.get("message"), dict):
+        message_id = (data["message"].get("headers") or {}).get("message-id", "")
+    return Event.create(event_id=data["id"], domain=domain, event=data["event"],
+                        timestamp=data["timestamp"], recipient=data.get("recipient", "")[:320],
+                        message_id=message_id[:255], severity=data.get("severity", ""), data=data)

@@ -1,0 +1,219 @@
+"""The store's connection and its async API: the only place that decides how database calls
+leave the event loop.
+
+Mechanism (chosen once, here): peewee runs in threads.
+- Reads go to a small thread pool (`Store.read`), each thread with its own connection.
+- Writes go to ONE writer thread (`Store.write`) that practises group commit: it takes every
+  write job waiting in its queue, runs each inside its own savepoint in one transaction, and
+  commits once.  A job's future resolves only after that commit returned, so "200"/"250" said
+  after `await store.write(...)` means the data is on disk (SQLite WAL + synchronous=FULL;
+  PostgreSQL's default synchronous_commit).  A failing job rolls back only its savepoint.
+- Synchronous callers (CLI, migrations, worker threads) use `Store.sync()`.
+
+SQLite is the default (a file in the data dir); PostgreSQL comes from a postgresql:// URL.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+from urllib.parse import unquote, urlparse
+
+import peewee
+from playhouse.migrations import Runner
+
+from . import models
+
+T = TypeVar("T")
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+MAX_GROUP = 512
+
+IntegrityError = peewee.IntegrityError
+DoesNotExist = peewee.DoesNotExist
+
+
+def make_database(url: str) -> peewee.Database:
+    parsed = urlparse(url)
+    if parsed.scheme == "sqlite":
+        path = url[len("sqlite:///"):]
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return peewee.SqliteDatabase(
+            path,
+            pragmas={
+                "journal_mode": "wal",
+                "synchronous": 2,  # FULL: a commit is durable against power loss
+                "foreign_keys": 1,
+                "busy_timeout": 30000,
+                "cache_size": -32000,
+            },
+            timeout=30,
+        )
+    if parsed.scheme in ("postgresql", "postgres"):
+        return peewee.PostgresqlDatabase(
+            unquote(parsed.path.lstrip("/")) or "postgres",
+            user=unquote(parsed.username) if parsed.username else None,
+            password=unquote(parsed.password) if parsed.password else None,
+            host=parsed.hostname or None,
+            port=parsed.port or None,
+            autorollback=True,
+        )
+    raise ValueError(f"unsupported database URL scheme {parsed.scheme!r}")
+
+
+class Store:
+    """One per process. `models` are bound to it when it opens."""
+
+    def __init__(self, url: str, read_threads: int = 4):
+        self.url = url
+        self.db = make_database(url)
+        self.is_postgres = isinstance(self.db, peewee.PostgresqlDatabase)
+        models.database.initialize(self.db)
+        self._reads = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="store-read")
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._closed = False
+        self.commits = 0  # number of transactions the writer committed (bench/diagnostics)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def migrate(self) -> list[str]:
+        with self.db.connection_context():
+            return Runner(self.db, str(MIGRATIONS_DIR)).up()
+
+    def pending_migrations(self) -> list[str]:
+        with self.db.connection_context():
+            return [m.name for m in Runner(self.db, str(MIGRATIONS_DIR)).status() if not m.applied]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            self._jobs.put(None)
+            self._writer.join()
+        self._reads.shutdown(wait=True)
+        if not self.db.is_closed():
+            self.db.close()
+
+    # -- synchronous access ----------------------------------------------------------------
+    @contextmanager
+    def sync(self):
+        """Connection for synchronous code (CLI, background threads); a transaction per block."""
+        self.db.connect(reuse_if_open=True)
+        with self.db.atomic():
+            yield self.db
+
+    # -- async access ----------------------------------------------------------------------
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` in a read thread and return its result."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reads, self._run_read, fn, args)
+
+    def _run_read(self, fn, args):
+        self.db.connect(reuse_if_open=True)
+        with self.db.atomic():
+            return fn(*args)
+
+    async def write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` in the writer thread; returns after its transaction is committed."""
+        fut: Future = Future()
+        self._submit(fn, args, fut)
+        return await asyncio.wrap_future(fut)
+
+    def write_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """As `write`, for code running in a thread (not the event loop)."""
+        fut: Future = Future()
+        self._submit(fn, args, fut)
+        return fut.result()
+
+    def _submit(self, fn, args, fut: Future) -> None:
+        if self._closed:
+            raise RuntimeError("store is closed")
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._writer_loop, name="store-writer", daemon=True)
+            self._writer.start()
+        self._jobs.put((fn, args, fut))
+
+    def _writer_loop(self) -> None:
+        stop = False
+        while not stop:
+            job = self._jobs.get()
+            if job is None:
+                break
+            batch = [job]
+            while len(batch) < MAX_GROUP:
+                try:
+                    more = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            self._run_group(batch)
+
+    def _run_group(self, batch) -> None:
+        results: list[tuple[Future, bool, Any]] = []
+        attempt = 0
+        while True:
+            attempt += 1
+            results.clear()
+            try:
+                self.db.connect(reuse_if_open=True)
+                with self.db.atomic():
+                    for fn, args, fut in batch:
+                        try:
+                            with self.db.atomic():  # savepoint: one job's failure is its own
+                                results.append((fut, True, fn(*args)))
+                        except Exception as exc:  # noqa: BLE001 - handed to the job's caller
+                            results.append((fut, False, exc))
+                self.commits += 1
+                break
+            except peewee.OperationalError as exc:
+                # SQLite "database is locked" from another process: retry the whole group.
+                if attempt < 5 and "locked" in str(exc):
+                    time.sleep(0.05 * attempt)
+                    continue
+                results = [(fut, False, exc) for _, _, fut in batch]
+                self._reset_connection()
+                break
+            except Exception as exc:  # noqa: BLE001 - commit failed: every job fails
+                results = [(fut, False, exc) for _, _, fut in batch]
+                self._reset_connection()
+                break
+        for fut, ok, value in results:
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+    def _reset_connection(self) -> None:
+        try:
+            if not self.db.is_closed():
+                self.db.close()
+        except Exception:  # noqa: BLE001 - the connection is being thrown away
+            pass
+
+
+_current: Store | None = None
+
+
+def open_store(url: str, read_threads: int = 4, migrate: bool = True) -> Store:
+    """Open the process's store (running pending migrations unless told not to)."""
+    global _current
+    store = Store(url, read_threads=read_threads)
+    if migrate:
+        store.migrate()
+    _current = store
+    return store
+
+
+def current() -> Store:
+    if _current is None:
+        raise RuntimeError("store not opened")
+    return _current
