@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from tests.dnsserver import DnsServer
 from tests.support import MailplatServer, pg_database, start_server
 
 PG_BASE = os.environ.get("MAILPLAT_TEST_PG", "")
@@ -38,19 +39,34 @@ def db_url(store_kind, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> MailplatServer:
-    """One mailplat (all services) for a test module, on SQLite unless MAILPLAT_TEST_PG_SERVER."""
+def dns_server():
+    """A DNS server on loopback (the world's DNS, for tests)."""
+    with DnsServer() as dns:
+        yield dns
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, dns_server) -> MailplatServer:
+    """One mailplat (all services) for a test module, resolving through `dns_server`
+    (as `server.dns`); on SQLite, or PostgreSQL when MAILPLAT_TEST_PG_SERVER is set too."""
     data_dir = tmp_path_factory.mktemp("mailplat")
+    sets = dns_sets(dns_server)
     pg = os.environ.get("MAILPLAT_TEST_PG_SERVER") and PG_BASE
     if pg:
         with pg_database(PG_BASE) as url:
-            srv = start_server(data_dir, db_url=url)
+            srv = start_server(data_dir, db_url=url, sets=sets)
+            srv.dns = dns_server
             yield srv
             srv.stop()
     else:
-        srv = start_server(data_dir)
+        srv = start_server(data_dir, sets=sets)
+        srv.dns = dns_server
         yield srv
         srv.stop()
+
+
+def dns_sets(dns: DnsServer) -> list[str]:
+    return ["dns.nameserver=127.0.0.1", f"dns.port={dns.port}", "dns.timeout=2.0"]
 
 
 @pytest.fixture

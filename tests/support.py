@@ -44,6 +44,7 @@ class MailplatServer:
     proc: subprocess.Popen
     ports: dict = field(default_factory=dict)
     log_path: Path | None = None
+    dns: object = None  # tests.dnsserver.DnsServer the config resolves through, if any
 
     @property
     def url(self) -> str:
