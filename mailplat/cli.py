@@ -130,7 +130,8 @@ def cmd_serve(args) -> int:
         _, new_key = initialise(data_dir)
     elif not args.config:
         _, new_key = initialise(data_dir)  # fills anything missing (cert, schema, primary key)
-    args.data_dir = str(data_dir)
+    if not args.config:  # with --config, the file's data_dir holds unless --data-dir/env says
+        args.data_dir = str(data_dir)
     cfg = _load(args)
     names = args.services or SERVICE_NAMES
     for name in names:
