@@ -18,6 +18,7 @@ log = logs.get("mailplat.api")
 
 VIEW_MODULES = [
     "keys",
+    "domains",
 ]
 
 CTX = web.AppKey("ctx", Context)

@@ -1,0 +1,1 @@
+"""Mail authentication: DKIM keys and signing, outbound TLS policy (and later SPF/DMARC/MTA-STS)."""
