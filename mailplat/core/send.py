@@ -1,0 +1,262 @@
+"""THE send path: every outgoing message enters here, whatever adapter it came from.
+
+`submit(ctx, SendRequest)` is called by the API (/messages, /messages.mime), SMTP submission,
+route forward() and mailing-list expansion.  It authorises the key for the domain, validates
+addresses and header values, composes MIME (or takes the given MIME byte for byte, adding
+Message-Id and Date when missing), drops suppressed recipients (a `failed` event, reason
+`suppress-bounce`), and in ONE store transaction stores the body (content-addressed blob), the
+Message row, one QueueItem per recipient and an `accepted` event per recipient.  It returns only
+after that commit, so the caller may then answer 200 / 250.  The relay takes it from the queue.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass, field
+
+from ..errors import ForbiddenError, InputError, NotFound, TooLarge
+from ..store import blobs
+from ..store.models import Domain, Message, QueueItem
+from . import compose, events, suppressions
+from .compose import Addr, Attachment
+from .options import Options, check_variables_size
+
+__all__ = ["Attachment", "SendRequest", "SendResult", "submit", "MAX_RECIPIENTS"]
+
+MAX_RECIPIENTS = 1000
+DEFAULT_MAX_BYTES = 25 * 1024 * 1024
+THREAD_COMPOSE_BYTES = 256 * 1024  # compose bigger messages off the event loop
+
+
+@dataclass
+class SendRequest:
+    domain: str                      # sending domain (the API URL's <domain>; for SMTP the authenticated domain)
+    source: str                      # "api" | "smtp" | "route" | "list"
+    mime: bytes | None = None        # complete message (messages.mime, SMTP DATA); else composed from fields
+    recipients: list[str] | None = None   # envelope recipients; None = to+cc+bcc
+    sender: str | None = None        # envelope MAIL FROM; None = address of From
+    from_: str | None = None
+    to: list[str] = field(default_factory=list)
+    cc: list[str] = field(default_factory=list)
+    bcc: list[str] = field(default_factory=list)
+    subject: str | None = None
+    text: str | None = None
+    html: str | None = None
+    amp_html: str | None = None
+    attachments: list[Attachment] = field(default_factory=list)
+    inline: list[Attachment] = field(default_factory=list)
+    headers: list[tuple[str, str]] = field(default_factory=list)   # h:* extra headers
+    options: Options = field(default_factory=Options)
+    user_variables: dict = field(default_factory=dict)
+    recipient_variables: dict = field(default_factory=dict)
+
+
+@dataclass
+class SendResult:
+    message_id: str   # without angle brackets
+
+
+@dataclass
+class _Prepared:
+    raw: bytes
+    message_id: str
+    sender: str
+    recipients: list[str]
+    headers: dict
+    from_header: str
+    subject: str
+    attachments: list[dict]
+
+
+def _max_bytes(ctx) -> int:
+    try:
+        return int(ctx.config.smtp.max_message_bytes)
+    except AttributeError:
+        return DEFAULT_MAX_BYTES
+
+
+def _prepare(req: SendRequest, domain: str, now: float, max_bytes: int) -> _Prepared:
+    """Validate and build the message (pure CPU; may run in a thread)."""
+    if req.mime is not None:
+        return _prepare_mime(req, domain, now, max_bytes)
+    if not req.from_ or not str(req.from_).strip():
+        raise InputError("from parameter is missing")
+    from_addrs = compose.parse_addresses([req.from_], "from")
+    if len(from_addrs) != 1:
+        raise InputError("from parameter is not a valid address. please check documentation")
+    to = compose.parse_addresses(req.to, "to")
+    cc = compose.parse_addresses(req.cc, "cc")
+    bcc = compose.parse_addresses(req.bcc, "bcc")
+    if not to and req.recipients is None:
+        raise InputError("to parameter is missing")
+    if req.text is None and req.html is None and req.amp_html is None:
+        raise InputError("Need at least one of 'text', 'html', 'amp-html' or 'template' parameters specified")
+    if req.subject is not None:
+        compose.check_header_value("subject", req.subject)
+    headers: list[tuple[str, str]] = []
+    for name, value in req.headers:
+        compose.check_header_name(name)
+        compose.check_header_value(f"h:{name}", str(value))
+        if name.lower() in compose.RESERVED_HEADERS:
+            raise InputError(f"'h:{name}' may not be set: use the '{name.lower()}' parameter")
+        headers.append((name, str(value)))
+    if req.recipients is not None:
+        recipients = compose.unique_recipients(compose.parse_addresses(req.recipients, "to"))
+    else:
+        recipients = compose.unique_recipients(to + cc + bcc)
+    _check_recipient_count(recipients)
+    size = sum(len(x or "") for x in (req.text, req.html, req.amp_html))
+    size += sum(len(a.data) for a in req.attachments + req.inline)
+    if size > max_bytes:
+        raise TooLarge("Message size exceeds the 25 MB limit")
+    explicit_mid = next((v for n, v in headers if n.lower() == "message-id"), None)
+    message_id = compose.strip_brackets(explicit_mid) if explicit_mid else compose.new_message_id(domain, now)
+    if explicit_mid and ("@" not in message_id or any(c in message_id for c in " <>")):
+        raise InputError("'h:Message-Id' is not a valid message id")
+    from_text = from_addrs[0].formatted() if from_addrs[0].display else str(req.from_).strip()
+    raw = compose.compose(from_=from_text, to=to, cc=cc, subject=req.subject, text=req.text,
+                          html=req.html, amp_html=req.amp_html, attachments=req.attachments,
+                          inline=req.inline, headers=headers, message_id=message_id, date=now)
+    if len(raw) > max_bytes:
+        raise TooLarge("Message size exceeds the 25 MB limit")
+    sender = req.sender or from_addrs[0].address
+    to_header = ", ".join(a.formatted() for a in to)
+    attachments = [{"filename": a.filename, "content-type": "/".join(compose.guess_type(a.filename, a.content_type)),
+                    "size": len(a.data)} for a in req.attachments]
+    return _Prepared(raw=raw, message_id=message_id, sender=sender, recipients=recipients,
+                     headers={"message-id": message_id, "from": from_text, "to": to_header,
+                              "subject": req.subject or ""},
+                     from_header=from_text, subject=req.subject or "", attachments=attachments)
+
+
+def _prepare_mime(req: SendRequest, domain: str, now: float, max_bytes: int) -> _Prepared:
+    if len(req.mime) > max_bytes:
+        raise TooLarge("Message size exceeds the 25 MB limit")
+    if not req.mime.strip():
+        raise InputError("message parameter is missing")
+    raw, message_id, parsed = compose.complete_mime(req.mime, domain, now)
+    if len(raw) > max_bytes:
+        raise TooLarge("Message size exceeds the 25 MB limit")
+    from_text = compose.decoded(parsed, "From")
+    to_text = compose.decoded(parsed, "To")
+    subject = compose.decoded(parsed, "Subject")
+    if req.recipients is not None:
+        rcpts = req.recipients
+    else:
+        rcpts = list(req.to) + list(req.cc) + list(req.bcc)
+    if not [r for r in rcpts if r and str(r).strip()]:
+        raise InputError("to parameter is missing")
+    recipients = compose.unique_recipients(compose.parse_addresses(rcpts, "to"))
+    _check_recipient_count(recipients)
+    if req.sender:
+        sender = req.sender
+    else:
+        try:
+            addrs = compose.parse_addresses([from_text], "from") if from_text else []
+        except InputError:
+            addrs = []
+        sender = addrs[0].address if addrs else ""
+    return _Prepared(raw=raw, message_id=message_id, sender=sender, recipients=recipients,
+                     headers={"message-id": message_id, "from": from_text, "to": to_text,
+                              "subject": subject},
+                     from_header=from_text, subject=subject, attachments=_mime_attachments(raw))
+
+
+def _mime_attachments(raw: bytes) -> list[dict]:
+    """Attachment summaries for events (only when the message says it is multipart)."""
+    head = raw[:8192].lower()
+    if b"multipart/" not in head:
+        return []
+    import email
+    from email import policy
+    try:
+        msg = email.message_from_bytes(raw, policy=policy.default)
+        out = []
+        for part in msg.iter_attachments() if msg.is_multipart() else []:
+            payload = part.get_payload(decode=True) or b""
+            out.append({"filename": part.get_filename() or "", "content-type": part.get_content_type(),
+                        "size": len(payload)})
+        return out
+    except Exception:  # noqa: BLE001 - a summary only; the message itself is kept as given
+        return []
+
+
+def _check_recipient_count(recipients: list[str]) -> None:
+    if not recipients:
+        raise InputError("to parameter is missing")
+    if len(recipients) > MAX_RECIPIENTS:
+        raise InputError(f"Too many recipients: at most {MAX_RECIPIENTS} are allowed per message")
+
+
+def _lookup(domain: str, recipients: list[str]):
+    row = Domain.get_or_none(Domain.name == domain)
+    if row is None:
+        return None, set()
+    return row, suppressions.bounced_sync(domain, recipients)
+
+
+def _store(domain: str, source: str, prep: _Prepared, sha: str, options: dict, tags: list,
+           campaigns: list, user_variables: dict, recipient_variables: dict, suppressed: set,
+           next_attempt_at: float, now: float) -> Message:
+    blobs.put_sync(prep.raw, sha)
+    message = Message.create(
+        message_id=prep.message_id, domain=domain, source=source, sender=prep.sender,
+        from_header=prep.from_header[:10000], subject=prep.subject[:10000], blob=sha,
+        size=len(prep.raw), headers=prep.headers, attachments=prep.attachments, tags=tags,
+        campaigns=campaigns, user_variables=user_variables, recipient_variables=recipient_variables,
+        options=options, created_at=now)
+    rows = []
+    for rcpt in prep.recipients:
+        events.record_sync(domain, events.build("accepted", message, rcpt, timestamp=now))
+        if rcpt.lower() in suppressed:
+            events.record_sync(domain, suppressions.failed_event(message, rcpt, now))
+            continue
+        rows.append({"message": message.id, "recipient": rcpt, "rcpt_domain": rcpt.rsplit("@", 1)[1].lower(),
+                     "state": "queued", "attempts": 0, "next_attempt_at": next_attempt_at,
+                     "created_at": now, "updated_at": now})
+    for i in range(0, len(rows), 200):
+        QueueItem.insert_many(rows[i:i + 200]).execute()
+    return message
+
+
+async def submit(ctx, req: SendRequest, principal=None) -> SendResult:
+    domain = (req.domain or "").strip().lower().rstrip(".")
+    if not domain:
+        raise NotFound("Domain not found")
+    if principal is not None:
+        principal.require_sending(domain)
+    now = ctx.clock()
+    max_bytes = _max_bytes(ctx)
+    check_variables_size(req.user_variables)
+    big = (len(req.mime or b"") + sum(len(a.data) for a in req.attachments + req.inline)
+           + len(req.html or "") + len(req.text or "")) > THREAD_COMPOSE_BYTES
+    if big:
+        prep = await asyncio.to_thread(_prepare, req, domain, now, max_bytes)
+        sha = await asyncio.to_thread(lambda: hashlib.sha256(prep.raw).hexdigest())
+    else:
+        prep = _prepare(req, domain, now, max_bytes)
+        sha = hashlib.sha256(prep.raw).hexdigest()
+    row, suppressed = await ctx.store.read(_lookup, domain, prep.recipients)
+    if row is None:
+        raise NotFound("Domain not found")
+    if row.is_disabled or row.state == "disabled":
+        raise ForbiddenError("Domain is disabled")
+    opts = req.options
+    if opts.drop_message:
+        opts.testmode = True
+    deliver_at = opts.deliver_at
+    next_attempt_at = max(deliver_at, now) if deliver_at is not None else now
+    recipient_variables = {}
+    if req.recipient_variables:
+        # Batch sending: each recipient gets its own copy, keyed by the envelope address.
+        lower = {str(k).lower(): v for k, v in req.recipient_variables.items()}
+        recipient_variables = {r: lower.get(r.lower(), {}) for r in prep.recipients}
+    await ctx.store.write(_store, domain, req.source, prep, sha, opts.as_stored(), list(opts.tags),
+                          list(opts.campaigns), dict(req.user_variables), recipient_variables,
+                          suppressed, next_attempt_at, now)
+    return SendResult(message_id=prep.message_id)
+
+
+def addr_list(values) -> list[Addr]:
+    """Parse address-list strings the way submit() does (for adapters that need it early)."""
+    return compose.parse_addresses(values, "to")

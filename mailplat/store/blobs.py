@@ -1,0 +1,34 @@
+"""Message bodies, content-addressed: the one place bodies are written and read.
+
+`put_sync` stores bytes under their SHA-256 (once, however many messages point at them) and
+`get_sync` reads them back; both are synchronous and meant to run inside a store transaction
+(`await store.write(fn)` / `store.read(fn)`).  core.send stores; the relay and others read.
+"""
+from __future__ import annotations
+
+import hashlib
+
+from .models import Blob
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def put_sync(data: bytes, sha256: str | None = None) -> str:
+    """Store `data` (a no-op when the same bytes are already stored); returns its SHA-256."""
+    sha = sha256 or digest(data)
+    Blob.insert(sha256=sha, size=len(data), data=data).on_conflict_ignore().execute()
+    return sha
+
+
+def get_sync(sha256: str) -> bytes:
+    """The stored bytes; raises KeyError when there is no such blob."""
+    row = Blob.select(Blob.data).where(Blob.sha256 == sha256).tuples().first()
+    if row is None:
+        raise KeyError(sha256)
+    return bytes(row[0])
+
+
+def exists_sync(sha256: str) -> bool:
+    return Blob.select().where(Blob.sha256 == sha256).exists()
