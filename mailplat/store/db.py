@@ -15,6 +15,7 @@ SQLite is the default (a file in the data dir); PostgreSQL comes from a postgres
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import queue
 import threading
 import time
@@ -32,6 +33,7 @@ from . import models
 T = TypeVar("T")
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 MAX_GROUP = 512
+MIGRATION_LOCK_ID = 0x6D61696C706C6174  # 'mailplat'
 
 IntegrityError = peewee.IntegrityError
 DoesNotExist = peewee.DoesNotExist
@@ -82,8 +84,31 @@ class Store:
 
     # -- lifecycle -------------------------------------------------------------------------
     def migrate(self) -> list[str]:
-        with self.db.connection_context():
+        """Apply pending migrations.  Several processes (one per service) may start at once on
+        a fresh store, so the runner holds a lock across all of them: a file lock next to the
+        SQLite file, or a PostgreSQL advisory lock."""
+        with self.db.connection_context(), self._migration_lock():
             return Runner(self.db, str(MIGRATIONS_DIR)).up()
+
+    @contextmanager
+    def _migration_lock(self):
+        if self.is_postgres:
+            self.db.execute_sql("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_ID,))
+            try:
+                yield
+            finally:
+                self.db.execute_sql("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_ID,))
+            return
+        path = self.db.database
+        if path == ":memory:":
+            yield
+            return
+        with open(f"{path}.migrate-lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def pending_migrations(self) -> list[str]:
         with self.db.connection_context():
