@@ -19,6 +19,8 @@ log = logs.get("mailplat.api")
 VIEW_MODULES = [
     "keys",
     "domains",
+    "mailboxes",
+    "autoconfig",
 ]
 
 CTX = web.AppKey("ctx", Context)

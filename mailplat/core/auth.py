@@ -166,6 +166,7 @@ def _login_row(login: str) -> tuple[str, str] | None:
 
 async def check_login(store: storedb.Store, login: str, password: str) -> str | None:
     """Returns the login's domain when the password is right, else None (no enumeration)."""
+    from . import mailboxes  # noqa: F401 - registers the mailbox login source in every service
     login = login.strip().lower()
     found = await store.read(_login_row, login) if "@" in login and len(login) <= 320 else None
     ok = await asyncio.to_thread(verify_password, found[0] if found else None, password)

@@ -1,0 +1,578 @@
+"""Mailboxes: the accounts people read with IMAP and POP3, and everything filed in them.
+
+Owns: the Mailboxes API's meaning (create, list with real sizes, change password, delete; the
+mailbox given as local part or full address; argon2 hashes only), the mailbox login source for
+core.auth (so mailbox credentials also log in to SMTP submission, IMAP and POP3), folder rules
+(names are database keys: Unicode, "/" as delimiter, no `..` segment, no leading `/` or `~`, no
+control characters; INBOX and the SPECIAL-USE folders made with the mailbox), and the folder
+operations IMAP and POP3 need (state, changes since a modseq, append, flags, expunge, copy,
+move), each a sync function run inside `store.read`/`store.write`.  Bodies are content-addressed
+Blobs, byte-exact.  In-process listeners (`watch`) are told when a folder changes so an IDLE
+session hears about a delivery at once; sessions in other processes poll.
+The api views, core.receive (delivery into INBOX) and mailaccess (imap.py, pop3.py) call this.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import Conflict, InputError, NotFound, TooLarge
+from ..store.db import IntegrityError
+from ..store.mailbox_models import MailFolder, Mailbox, MailMessage
+from ..store.models import Blob, Domain
+from . import auth
+from .timefmt import rfc2822
+
+PASSWORD_MIN, PASSWORD_MAX = 5, 128
+SPECIAL_FOLDERS = (("Sent", "\\Sent"), ("Drafts", "\\Drafts"), ("Trash", "\\Trash"),
+                   ("Junk", "\\Junk"), ("Archive", "\\Archive"))
+MAX_FOLDER_NAME = 255
+MAX_FOLDER_DEPTH = 32
+MAX_FOLDERS = 1000
+MAX_FLAGS_LEN = 1000
+_LOCAL = re.compile(r"^[a-z0-9!#$%&'*+=?^_`{|}~-]+(?:\.[a-z0-9!#$%&'*+=?^_`{|}~-]+)*$")
+_FLAG = re.compile(r"^\\?[!#$&'+,./0-9:;<=>?@A-Z^_`a-z|}~-]{1,64}$")
+
+
+class OverQuota(TooLarge):
+    """Mailbox is over its quota"""
+    http_status = 507
+    smtp_reply = "452 4.2.2 Mailbox full, try again later"
+
+
+# -- blobs ----------------------------------------------------------------------------------
+def put_blob_sync(data: bytes) -> str:
+    """Store bytes once, keyed by their SHA-256 (inside a store.write)."""
+    sha = hashlib.sha256(data).hexdigest()
+    if not Blob.select().where(Blob.sha256 == sha).exists():
+        Blob.insert(sha256=sha, size=len(data), data=data).on_conflict_ignore().execute()
+    return sha
+
+
+def blob_bytes_sync(shas: list[str]) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for i in range(0, len(shas), 200):
+        for row in Blob.select(Blob.sha256, Blob.data).where(Blob.sha256.in_(shas[i:i + 200])):
+            out[row.sha256] = bytes(row.data)
+    return out
+
+
+# -- input ----------------------------------------------------------------------------------
+def _domains():
+    from . import domains  # late: domains imports mailauth, which is heavy
+    return domains
+
+
+def mailbox_address(domain: str, mailbox: Any) -> str:
+    """The full lower-case address for a local part or an address in `domain`."""
+    if not isinstance(mailbox, str) or not mailbox.strip():
+        raise InputError("'mailbox' parameter is missing")
+    text = mailbox.strip().lower()
+    local, at, dom = text.rpartition("@") if "@" in text else (text, "", "")
+    if at:
+        try:
+            dom = _domains().normalize_name(dom)
+        except InputError:
+            raise InputError("'mailbox' parameter is not a valid address") from None
+        if dom != domain:
+            raise InputError(f"'mailbox' must be an address in {domain}")
+    if not local or len(local) > 64 or not _LOCAL.match(local):
+        raise InputError("'mailbox' parameter is not a valid address")
+    return f"{local}@{domain}"
+
+
+def check_password(value: Any) -> str:
+    if value is None or value == "":
+        raise InputError("'password' parameter is missing")
+    if not isinstance(value, str):
+        raise InputError("'password' parameter should be a string")
+    if not PASSWORD_MIN <= len(value) <= PASSWORD_MAX:
+        raise InputError(f"Password length must be between {PASSWORD_MIN} and {PASSWORD_MAX} characters")
+    if any(ord(c) < 0x20 or ord(c) == 0x7f for c in value):
+        raise InputError("Password must not contain control characters")
+    return value
+
+
+def folder_name(name: Any) -> str:
+    """A valid folder name (Unicode, already decoded from modified UTF-7), or InputError.
+    INBOX in any case is INBOX."""
+    if not isinstance(name, str) or not name:
+        raise InputError("Invalid folder name: empty")
+    if len(name) > MAX_FOLDER_NAME:
+        raise InputError("Invalid folder name: too long")
+    if any(ord(c) < 0x20 or ord(c) == 0x7f for c in name):
+        raise InputError("Invalid folder name: control characters")
+    if name[0] in "/~" or name.endswith("/"):
+        raise InputError("Invalid folder name: must not start with / or ~ or end with /")
+    if "*" in name or "%" in name:
+        raise InputError("Invalid folder name: wildcards")
+    parts = name.split("/")
+    if len(parts) > MAX_FOLDER_DEPTH:
+        raise InputError("Invalid folder name: too deep")
+    for part in parts:
+        if part in ("", ".", "..") or part.strip() != part:
+            raise InputError("Invalid folder name: empty, '.' or '..' segment")
+    if parts[0].upper() == "INBOX":
+        parts[0] = "INBOX"
+    return "/".join(parts)
+
+
+def clean_flags(flags) -> list[str]:
+    out: list[str] = []
+    for f in flags:
+        f = f.decode("ascii", "replace") if isinstance(f, bytes) else str(f)
+        if not _FLAG.match(f):
+            raise InputError(f"Invalid flag {f[:40]!r}")
+        if f.startswith("\\"):
+            canon = {"\\seen": "\\Seen", "\\answered": "\\Answered", "\\flagged": "\\Flagged",
+                     "\\deleted": "\\Deleted", "\\draft": "\\Draft"}.get(f.lower())
+            if canon is None:
+                if f.lower() == "\\recent":
+                    continue
+                raise InputError(f"Invalid system flag {f[:40]!r}")
+            f = canon
+        if f not in out:
+            out.append(f)
+    if len(" ".join(out)) > MAX_FLAGS_LEN:
+        raise InputError("Too many flags")
+    return out
+
+
+def _uidvalidity() -> int:
+    return max(1, int((time.time() - 1_600_000_000) * 10) % 0xFFFFFFFF)
+
+
+# -- in-process change listeners ------------------------------------------------------------
+_watchers: dict[int, set[Callable[[], None]]] = {}
+
+
+def watch(folder_id: int, callback: Callable[[], None]) -> None:
+    _watchers.setdefault(folder_id, set()).add(callback)
+
+
+def unwatch(folder_id: int, callback: Callable[[], None]) -> None:
+    cbs = _watchers.get(folder_id)
+    if cbs:
+        cbs.discard(callback)
+        if not cbs:
+            _watchers.pop(folder_id, None)
+
+
+def changed(*folder_ids: int) -> None:
+    """Tell in-process sessions watching these folders (call on the event loop, after commit)."""
+    for fid in folder_ids:
+        for cb in list(_watchers.get(fid, ())):
+            try:
+                cb()
+            except Exception:  # noqa: BLE001 - one broken session must not stop the others
+                pass
+
+
+# -- accounts (API) -------------------------------------------------------------------------
+def _mailbox_row(address: str) -> Mailbox:
+    row = Mailbox.get_or_none(Mailbox.address == address)
+    if row is None:
+        raise NotFound("Mailbox not found")
+    return row
+
+
+def create_mailbox_sync(domain: str, address: str, password_hash: str, quota: int, now: float) -> Mailbox:
+    _domains()._get_sync(domain)
+    try:
+        mb = Mailbox.create(domain=domain, address=address, password_hash=password_hash,
+                            quota_bytes=quota, created_at=now)
+    except IntegrityError:
+        raise Conflict("Mailbox already exists") from None
+    vals = _uidvalidity()
+    MailFolder.create(mailbox=mb, name="INBOX", uidvalidity=vals, created_at=now)
+    for name, use in SPECIAL_FOLDERS:
+        MailFolder.create(mailbox=mb, name=name, special_use=use, uidvalidity=vals, created_at=now)
+    return mb
+
+
+async def create_mailbox(ctx, domain: str, mailbox: Any, password: Any) -> dict:
+    domain = _domains()._existing_name(domain)
+    address = mailbox_address(domain, mailbox)
+    password = check_password(password)
+    await ctx.store.read(_domains()._get_sync, domain)
+    password_hash = await auth.hash_password_async(password)
+    await ctx.store.write(create_mailbox_sync, domain, address, password_hash,
+                          ctx.config.mailaccess.quota_bytes, ctx.clock())
+    return {"message": "Created 1 mailboxes"}
+
+
+async def list_mailboxes(ctx, domain: str, limit: int = 100, skip: int = 0) -> dict:
+    domain = _domains()._existing_name(domain)
+
+    def read():
+        _domains()._get_sync(domain)
+        q = Mailbox.select().where(Mailbox.domain == domain)
+        return q.count(), list(q.order_by(Mailbox.created_at, Mailbox.address).offset(skip).limit(limit))
+
+    total, rows = await ctx.store.read(read)
+    return {"total_count": total,
+            "items": [{"size_bytes": r.size_bytes, "created_at": rfc2822(r.created_at),
+                       "mailbox": r.address} for r in rows]}
+
+
+async def change_password(ctx, domain: str, mailbox: Any, password: Any) -> dict:
+    domain = _domains()._existing_name(domain)
+    address = mailbox_address(domain, mailbox)
+    password = check_password(password)
+    await ctx.store.read(_mailbox_row, address)
+    password_hash = await auth.hash_password_async(password)
+
+    def write():
+        n = Mailbox.update(password_hash=password_hash).where(Mailbox.address == address).execute()
+        if not n:
+            raise NotFound("Mailbox not found")
+
+    await ctx.store.write(write)
+    return {"message": "Password changed"}
+
+
+def delete_mailbox_sync(address: str) -> list[int]:
+    mb = _mailbox_row(address)
+    folder_ids = [f.id for f in MailFolder.select(MailFolder.id).where(MailFolder.mailbox == mb.id)]
+    if folder_ids:
+        MailMessage.delete().where(MailMessage.folder.in_(folder_ids)).execute()
+        MailFolder.delete().where(MailFolder.id.in_(folder_ids)).execute()
+    mb.delete_instance()
+    return folder_ids
+
+
+async def delete_mailbox(ctx, domain: str, mailbox: Any) -> dict:
+    domain = _domains()._existing_name(domain)
+    address = mailbox_address(domain, mailbox)
+
+    def write():
+        _domains()._get_sync(domain)
+        return delete_mailbox_sync(address)
+
+    folder_ids = await ctx.store.write(write)
+    changed(*folder_ids)
+    return {"message": "Mailbox has been deleted", "spec": address}
+
+
+def _delete_domain_hook(domain: str) -> None:
+    for mb in list(Mailbox.select(Mailbox.address).where(Mailbox.domain == domain)):
+        delete_mailbox_sync(mb.address)
+
+
+def _login_source(login: str):
+    row = (Mailbox.select(Mailbox.password_hash, Mailbox.domain)
+           .where(Mailbox.address == login).tuples().first())
+    return tuple(row) if row else None
+
+
+auth.register_login_source(_login_source)
+
+
+def register_domain_hook() -> None:
+    hooks = _domains().DELETE_HOOKS
+    if _delete_domain_hook not in hooks:
+        hooks.append(_delete_domain_hook)
+
+
+def mailbox_exists_sync(address: str) -> bool:
+    return Mailbox.select().where(Mailbox.address == address).exists()
+
+
+def domain_row_sync(domain: str):
+    return Domain.get_or_none(Domain.name == domain)
+
+
+# -- folders (IMAP/POP3) --------------------------------------------------------------------
+@dataclass
+class FolderInfo:
+    id: int
+    name: str
+    special_use: str
+    subscribed: bool
+    uidvalidity: int
+    uidnext: int
+    highestmodseq: int
+    has_children: bool = False
+
+
+def account_id_sync(address: str) -> int:
+    return _mailbox_row(address).id
+
+
+def _folder(mbid: int, name: str) -> MailFolder:
+    f = MailFolder.get_or_none((MailFolder.mailbox == mbid) & (MailFolder.name == name))
+    if f is None:
+        raise NotFound("No such mailbox")
+    return f
+
+
+def _info(f: MailFolder) -> FolderInfo:
+    return FolderInfo(f.id, f.name, f.special_use, f.subscribed, f.uidvalidity, f.uidnext,
+                      f.highestmodseq)
+
+
+def list_folders_sync(mbid: int) -> list[FolderInfo]:
+    rows = [_info(f) for f in MailFolder.select().where(MailFolder.mailbox == mbid).order_by(MailFolder.name)]
+    names = {r.name for r in rows}
+    for r in rows:
+        r.has_children = any(n.startswith(r.name + "/") for n in names)
+    return rows
+
+
+def create_folder_sync(mbid: int, name: str) -> None:
+    if MailFolder.select().where(MailFolder.mailbox == mbid).count() >= MAX_FOLDERS:
+        raise InputError("Too many folders")
+    parts = name.split("/")
+    for i in range(1, len(parts) + 1):
+        sub = "/".join(parts[:i])
+        exists = MailFolder.select().where((MailFolder.mailbox == mbid) & (MailFolder.name == sub)).exists()
+        if exists:
+            if i == len(parts):
+                raise Conflict("Mailbox already exists")
+            continue
+        MailFolder.create(mailbox=mbid, name=sub, uidvalidity=_uidvalidity())
+
+
+def delete_folder_sync(mbid: int, name: str) -> int:
+    if name == "INBOX":
+        raise InputError("INBOX cannot be deleted")
+    f = _folder(mbid, name)
+    if MailFolder.select().where((MailFolder.mailbox == mbid) & MailFolder.name.startswith(name + "/")).exists():
+        raise InputError("Mailbox has children; delete them first")
+    size = sum(r.size for r in MailMessage.select(MailMessage.size).where(MailMessage.folder == f.id))
+    MailMessage.delete().where(MailMessage.folder == f.id).execute()
+    Mailbox.update(size_bytes=Mailbox.size_bytes - size).where(Mailbox.id == mbid).execute()
+    f.delete_instance()
+    return f.id
+
+
+def rename_folder_sync(mbid: int, old: str, new: str) -> None:
+    if old == "INBOX" or new == "INBOX":
+        raise InputError("INBOX cannot be renamed, nor anything renamed to INBOX")
+    f = _folder(mbid, old)
+    if MailFolder.select().where((MailFolder.mailbox == mbid) & (MailFolder.name == new)).exists():
+        raise Conflict("Mailbox already exists")
+    kids = list(MailFolder.select().where((MailFolder.mailbox == mbid) & MailFolder.name.startswith(old + "/")))
+    parent = new.rpartition("/")[0]
+    if parent and not MailFolder.select().where((MailFolder.mailbox == mbid) & (MailFolder.name == parent)).exists():
+        create_folder_sync(mbid, parent)
+    f.name = new
+    f.save()
+    for k in kids:
+        k.name = new + k.name[len(old):]
+        k.save()
+
+
+def subscribe_sync(mbid: int, name: str, on: bool) -> None:
+    f = _folder(mbid, name)
+    f.subscribed = on
+    f.save()
+
+
+@dataclass
+class FolderState:
+    info: FolderInfo
+    uids: list[int]
+    unseen: int
+    first_unseen_uid: int | None
+    deleted: int = 0
+    size: int = 0
+    rows: list = field(default_factory=list)
+
+
+def folder_state_sync(mbid: int, name: str, with_rows: bool = False) -> FolderState:
+    f = _folder(mbid, name)
+    q = MailMessage.select(MailMessage.uid).where(MailMessage.folder == f.id).order_by(MailMessage.uid)
+    uids = [r[0] for r in q.tuples()]
+    unseen_q = MailMessage.select(MailMessage.uid).where(
+        (MailMessage.folder == f.id) & ~(MailMessage.flags.contains("\\Seen"))).order_by(MailMessage.uid)
+    first = unseen_q.tuples().first()
+    state = FolderState(_info(f), uids, unseen_q.count(), first[0] if first else None)
+    if with_rows:
+        state.rows = message_rows_sync(f.id, None)
+    return state
+
+
+def folder_info_sync(folder_id: int) -> FolderInfo | None:
+    f = MailFolder.get_or_none(MailFolder.id == folder_id)
+    return _info(f) if f else None
+
+
+@dataclass
+class Row:
+    uid: int
+    size: int
+    internal_date: float
+    flags: list[str]
+    modseq: int
+    blob: str
+
+
+def _row(t) -> Row:
+    return Row(t[0], t[1], t[2], t[3].split() if t[3] else [], t[4], t[5])
+
+
+_ROW_COLS = (MailMessage.uid, MailMessage.size, MailMessage.internal_date, MailMessage.flags,
+             MailMessage.modseq, MailMessage.blob)
+
+
+def message_rows_sync(folder_id: int, uids: list[int] | None) -> list[Row]:
+    base = MailMessage.select(*_ROW_COLS).where(MailMessage.folder == folder_id)
+    if uids is None:
+        return [_row(t) for t in base.order_by(MailMessage.uid).tuples()]
+    out: list[Row] = []
+    for i in range(0, len(uids), 500):
+        chunk = uids[i:i + 500]
+        out.extend(_row(t) for t in base.where(MailMessage.uid.in_(chunk)).tuples())
+    out.sort(key=lambda r: r.uid)
+    return out
+
+
+def changes_since_sync(folder_id: int, modseq: int, known_count: int,
+                       known_max_uid: int) -> tuple[FolderInfo | None, list[Row], list[int] | None]:
+    """Rows changed or added after `modseq`; the full UID list too, but only when some messages
+    were expunged (the folder holds fewer than the session knows plus the new ones)."""
+    info = folder_info_sync(folder_id)
+    if info is None or info.highestmodseq <= modseq:
+        return info, [], None
+    rows = [_row(t) for t in MailMessage.select(*_ROW_COLS).where(
+        (MailMessage.folder == folder_id) & (MailMessage.modseq > modseq)).order_by(MailMessage.uid).tuples()]
+    count = MailMessage.select().where(MailMessage.folder == folder_id).count()
+    new = sum(1 for r in rows if r.uid > known_max_uid)
+    all_uids = None
+    if count != known_count + new:
+        all_uids = [t[0] for t in MailMessage.select(MailMessage.uid).where(
+            MailMessage.folder == folder_id).order_by(MailMessage.uid).tuples()]
+    return info, rows, all_uids
+
+
+def _bump(folder: MailFolder, uids_needed: int = 0) -> tuple[int, int]:
+    """Reserve UIDs and a modseq on a folder row (inside the write transaction)."""
+    first_uid = folder.uidnext
+    modseq = folder.highestmodseq + 1
+    MailFolder.update(uidnext=MailFolder.uidnext + uids_needed, highestmodseq=modseq).where(
+        MailFolder.id == folder.id).execute()
+    folder.uidnext += uids_needed
+    folder.highestmodseq = modseq
+    return first_uid, modseq
+
+
+def _charge(mbid: int, size: int, enforce: bool = True) -> None:
+    mb = Mailbox.get_by_id(mbid)
+    if enforce and size > 0 and mb.size_bytes + size > mb.quota_bytes:
+        raise OverQuota("Mailbox is over its quota")
+    Mailbox.update(size_bytes=Mailbox.size_bytes + size).where(Mailbox.id == mbid).execute()
+
+
+def append_sync(mbid: int, name: str, data: bytes | None, flags: list[str], date: float,
+                sha: str | None = None, size: int | None = None) -> tuple[int, int, int]:
+    """File a message; returns (folder id, uidvalidity, uid)."""
+    f = _folder(mbid, name)
+    if sha is None:
+        sha = put_blob_sync(data)
+        size = len(data)
+    _charge(mbid, size)
+    uid, modseq = _bump(f, 1)
+    MailMessage.create(folder=f.id, uid=uid, blob=sha, size=size, internal_date=date,
+                       flags=" ".join(flags), modseq=modseq)
+    return f.id, f.uidvalidity, uid
+
+
+def deliver_sync(address: str, sha: str, size: int, date: float) -> int | None:
+    """File into the INBOX of `address`; None when there is no such mailbox."""
+    mb = Mailbox.get_or_none(Mailbox.address == address)
+    if mb is None:
+        return None
+    fid, _, _ = append_sync(mb.id, "INBOX", None, [], date, sha=sha, size=size)
+    return fid
+
+
+def store_flags_sync(folder_id: int, uids: list[int], flags: list[str], mode: int,
+                     unchangedsince: int | None = None) -> tuple[list[Row], list[int]]:
+    """mode 0 replace, 1 add, -1 remove.  Returns (changed rows, uids that failed the
+    UNCHANGEDSINCE test)."""
+    f = MailFolder.get_by_id(folder_id)
+    rows = message_rows_sync(folder_id, uids)
+    changed_rows, failed = [], []
+    modseq = None
+    for r in rows:
+        if unchangedsince is not None and r.modseq > unchangedsince:
+            failed.append(r.uid)
+            continue
+        if mode == 0:
+            new = list(flags)
+        elif mode > 0:
+            new = r.flags + [x for x in flags if x not in r.flags]
+        else:
+            new = [x for x in r.flags if x not in flags]
+        if new == r.flags:
+            continue
+        if modseq is None:
+            _, modseq = _bump(f)
+        MailMessage.update(flags=" ".join(new), modseq=modseq).where(
+            (MailMessage.folder == folder_id) & (MailMessage.uid == r.uid)).execute()
+        r.flags, r.modseq = new, modseq
+        changed_rows.append(r)
+    return changed_rows, failed
+
+
+def expunge_sync(folder_id: int, uids: list[int] | None = None) -> list[int]:
+    """Remove messages flagged \\Deleted (only among `uids` when given); returns their UIDs."""
+    f = MailFolder.get_by_id(folder_id)
+    q = MailMessage.select(MailMessage.uid, MailMessage.size).where(
+        (MailMessage.folder == folder_id) & MailMessage.flags.contains("\\Deleted"))
+    gone = [(u, s) for u, s in q.tuples() if uids is None or u in set(uids)]
+    if not gone:
+        return []
+    gone_uids = [u for u, _ in gone]
+    for i in range(0, len(gone_uids), 500):
+        MailMessage.delete().where((MailMessage.folder == folder_id)
+                                   & MailMessage.uid.in_(gone_uids[i:i + 500])).execute()
+    _bump(f)
+    Mailbox.update(size_bytes=Mailbox.size_bytes - sum(s for _, s in gone)).where(
+        Mailbox.id == f.mailbox_id).execute()
+    return sorted(gone_uids)
+
+
+def delete_uids_sync(folder_id: int, uids: list[int]) -> int:
+    """POP3 QUIT: remove these messages outright, in one transaction."""
+    f = MailFolder.get_by_id(folder_id)
+    size = 0
+    for i in range(0, len(uids), 500):
+        chunk = uids[i:i + 500]
+        sel = MailMessage.select(MailMessage.size).where(
+            (MailMessage.folder == folder_id) & MailMessage.uid.in_(chunk))
+        size += sum(r[0] for r in sel.tuples())
+        MailMessage.delete().where((MailMessage.folder == folder_id) & MailMessage.uid.in_(chunk)).execute()
+    if uids:
+        _bump(f)
+        Mailbox.update(size_bytes=Mailbox.size_bytes - size).where(Mailbox.id == f.mailbox_id).execute()
+    return size
+
+
+def copy_sync(mbid: int, folder_id: int, uids: list[int], dest: str, move: bool) -> tuple[int, list[int], list[int], int]:
+    """COPY/MOVE: returns (dest uidvalidity, source uids, new uids, dest folder id)."""
+    d = _folder(mbid, dest)
+    rows = message_rows_sync(folder_id, uids)
+    if not rows:
+        return d.uidvalidity, [], [], d.id
+    if d.id == folder_id and move:
+        return d.uidvalidity, [], [], d.id
+    if not move:
+        _charge(mbid, sum(r.size for r in rows))
+    first, modseq = _bump(d, len(rows))
+    new = list(range(first, first + len(rows)))
+    for r, nu in zip(rows, new):
+        MailMessage.create(folder=d.id, uid=nu, blob=r.blob, size=r.size,
+                           internal_date=r.internal_date, flags=" ".join(r.flags), modseq=modseq)
+    if move:
+        src = MailFolder.get_by_id(folder_id)
+        src_uids = [r.uid for r in rows]
+        for i in range(0, len(src_uids), 500):
+            MailMessage.delete().where((MailMessage.folder == folder_id)
+                                       & MailMessage.uid.in_(src_uids[i:i + 500])).execute()
+        _bump(src)
+    return d.uidvalidity, [r.uid for r in rows], new, d.id

@@ -1,0 +1,248 @@
+"""The one receive path: who we accept mail for, committing it, and filing it afterwards.
+
+Owns: the RCPT decision (`check_recipient`: a domain that is not ours is relay denied; an
+address of ours with no mailbox and no other taker is 550 5.1.1), the end-of-DATA commit
+(`accept`: the exact bytes as a content-addressed Blob plus one InboundJob row in ONE store
+write, the id returned only after commit), and the inbound worker (`run_inbound_worker`) that
+files each job's message into the recipients' INBOXes with a Received: trace header prepended
+and the body otherwise byte-exact, never while the SMTP client waits.
+Called by the MX listener (smtpd) for the first two; the worker is started by the mailaccess
+service (so mailaccess must run for inbound mail to reach mailboxes).  Routes and lists (next
+issue) register extra recipient takers with `register_recipient_source` and consume the same
+jobs via `register_job_handler`.
+"""
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import os
+import socket
+from typing import Callable
+
+from .. import logs
+from ..errors import ForbiddenError, InputError, NotFound, TooLarge
+from ..store.mailbox_models import InboundJob
+from ..store.models import Blob, Domain
+from . import mailboxes
+
+log = logs.get("mailplat.receive")
+
+BATCH_BYTES = 32 * 1024 * 1024
+BATCH_JOBS = 50
+RETRY_SECONDS = (60.0, 300.0, 900.0, 3600.0)
+MAX_AGE = 5 * 86400.0
+POLL_SECONDS = 0.5
+
+# fn(address, domain_row) -> bool, run inside a store read: "someone other than a mailbox
+# takes mail for this address" (routes, lists).
+RECIPIENT_SOURCES: list[Callable] = []
+# fn(job, rcpts_without_mailbox) run inside the delivery write transaction.
+JOB_HANDLERS: list[Callable] = []
+_wake: asyncio.Event | None = None
+
+
+def register_recipient_source(fn: Callable) -> None:
+    if fn not in RECIPIENT_SOURCES:
+        RECIPIENT_SOURCES.append(fn)
+
+
+def register_job_handler(fn: Callable) -> None:
+    if fn not in JOB_HANDLERS:
+        JOB_HANDLERS.append(fn)
+
+
+class RelayDenied(ForbiddenError):
+    """Relay access denied"""
+    smtp_reply = "554 5.7.1 Relay access denied"
+
+
+class NoSuchUser(NotFound):
+    """No such user"""
+    smtp_reply = "550 5.1.1 No such user here"
+
+
+def split_address(address: str) -> tuple[str, str]:
+    """(local part, canonical domain) or InputError.  Source routes (@a,@b:user@c) are
+    reduced to the final address (RFC 5321 4.1.1.3: we ignore them)."""
+    text = (address or "").strip()
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1]
+    if text.startswith("@") and ":" in text:
+        text = text.split(":", 1)[1]
+    local, at, dom = text.rpartition("@")
+    if not at or not local or not dom or len(text) > 320 or len(local) > 64:
+        raise InputError("Invalid address")
+    if dom.startswith("["):
+        raise RelayDenied("Relay access denied")
+    from .domains import normalize_name
+    try:
+        dom = normalize_name(dom)
+    except InputError:
+        raise RelayDenied("Relay access denied") from None
+    if local.startswith('"'):
+        raise NoSuchUser("No such user here")
+    return local.lower(), dom
+
+
+def _our_domain(dom: str) -> Domain | None:
+    row = Domain.get_or_none(Domain.name == dom)
+    if row is not None:
+        return row
+    # A wildcard domain also takes mail for its subdomains.
+    labels = dom.split(".")
+    for i in range(1, len(labels) - 1):
+        parent = Domain.get_or_none((Domain.name == ".".join(labels[i:])) & (Domain.wildcard == True))  # noqa: E712
+        if parent is not None:
+            return parent
+    return None
+
+
+def _check_sync(local: str, dom: str) -> str:
+    row = _our_domain(dom)
+    if row is None:
+        return "relay"
+    address = f"{local}@{dom}"
+    if mailboxes.mailbox_exists_sync(address):
+        return "ok"
+    for source in RECIPIENT_SOURCES:
+        if source(address, row):
+            return "ok"
+    return "unknown"
+
+
+async def check_recipient(ctx, address: str) -> None:
+    """Raises RelayDenied (a ForbiddenError, 554 5.7.1) for a domain that is not ours and
+    NoSuchUser (a NotFound, 550 5.1.1) for an address of ours nobody takes."""
+    local, dom = split_address(address)
+    verdict = await ctx.store.read(_check_sync, local, dom)
+    if verdict == "relay":
+        raise RelayDenied("Relay access denied")
+    if verdict == "unknown":
+        raise NoSuchUser("No such user here")
+
+
+async def accept(ctx, mail_from: str, rcpt_tos: list[str], raw: bytes, peer: str) -> str:
+    """Commit the message and its inbound job; returns the job id only after the commit."""
+    if len(raw) > ctx.config.smtp.max_message_bytes:
+        raise TooLarge("Message size exceeds fixed limit")
+    if not rcpt_tos:
+        raise InputError("No recipients")
+    now = ctx.clock()
+    rcpts = []
+    for r in rcpt_tos:
+        local, dom = split_address(r)
+        rcpts.append(f"{local}@{dom}")
+
+    def write():
+        sha = mailboxes.put_blob_sync(raw)
+        job = InboundJob.create(blob=sha, size=len(raw), mail_from=(mail_from or "")[:320],
+                                rcpt_tos=rcpts, peer=(peer or "")[:64], received_at=now,
+                                next_attempt_at=now)
+        return job.id
+
+    job_id = await ctx.store.write(write)
+    if _wake is not None:
+        _wake.set()
+    return f"in-{job_id}"
+
+
+# -- the worker ----------------------------------------------------------------------------------
+def received_header(hostname: str, job: InboundJob) -> bytes:
+    peer = job.peer or "unknown"
+    date = email.utils.formatdate(job.received_at, localtime=False)
+    return (f"Received: from [{peer}] by {hostname} (mailplat) with ESMTP id in-{job.id};\r\n"
+            f"\t{date}\r\n").encode("ascii", "replace")
+
+
+def _claim(now: float, is_postgres: bool) -> list[InboundJob]:
+    q = (InboundJob.select().where((InboundJob.state == "queued") & (InboundJob.next_attempt_at <= now))
+         .order_by(InboundJob.next_attempt_at).limit(BATCH_JOBS))
+    if is_postgres:
+        q = q.for_update("FOR UPDATE SKIP LOCKED")
+    out, total = [], 0
+    for job in q:
+        if out and total + job.size > BATCH_BYTES:
+            break
+        out.append(job)
+        total += job.size
+    return out
+
+
+def _deliver_batch(now: float, hostname: str, is_postgres: bool) -> tuple[int, set[int]]:
+    """One write transaction: claim due jobs and file each into its mailboxes."""
+    jobs = _claim(now, is_postgres)
+    folders: set[int] = set()
+    for job in jobs:
+        blob = Blob.get_or_none(Blob.sha256 == job.blob)
+        if blob is None:
+            job.state, job.last_error = "failed", "message body missing"
+            job.save()
+            log.error("inbound job has no body", extra={"fields": {"job": job.id}})
+            continue
+        data = received_header(hostname, job) + bytes(blob.data)
+        sha = mailboxes.put_blob_sync(data)
+        done = list(job.done_rcpts or [])
+        pending, orphans, full = [], [], []
+        for rcpt in job.rcpt_tos:
+            if rcpt in done:
+                continue
+            try:
+                fid = mailboxes.deliver_sync(rcpt, sha, len(data), job.received_at)
+            except mailboxes.OverQuota:
+                full.append(rcpt)
+                continue
+            if fid is None:
+                orphans.append(rcpt)
+            else:
+                folders.add(fid)
+            done.append(rcpt)
+        for handler in JOB_HANDLERS:
+            handler(job, orphans)
+        if orphans and not JOB_HANDLERS:
+            log.warning("inbound recipients without a mailbox", extra={"fields": {"job": job.id, "count": len(orphans)}})
+        job.done_rcpts = done
+        job.attempts += 1
+        if full:
+            if now - job.received_at > MAX_AGE:
+                job.state, job.last_error = "failed", f"mailbox full: {', '.join(full)}"[:1000]
+            else:
+                delay = RETRY_SECONDS[min(job.attempts - 1, len(RETRY_SECONDS) - 1)]
+                job.next_attempt_at, job.last_error = now + delay, "mailbox full"
+        else:
+            job.state = "done"
+        job.save()
+    return len(jobs), folders
+
+
+async def deliver_due(ctx) -> int:
+    """Deliver every due job now (the worker's step; tests and the CLI may call it)."""
+    total = 0
+    while True:
+        n, folders = await ctx.store.write(_deliver_batch, ctx.clock(), ctx.config.server.hostname,
+                                           ctx.store.is_postgres)
+        if folders:
+            mailboxes.changed(*folders)
+        total += n
+        if n < BATCH_JOBS:
+            return total
+
+
+async def run_inbound_worker(ctx, stopping: asyncio.Event) -> None:
+    """Files inbound jobs until `stopping` is set; woken at once by accept() in this process,
+    otherwise polling every POLL_SECONDS (jobs committed by other processes)."""
+    global _wake
+    _wake = asyncio.Event()
+    log.info("inbound worker started", extra={"fields": {"pid": os.getpid(), "host": socket.gethostname()}})
+    while not stopping.is_set():
+        _wake.clear()
+        try:
+            await deliver_due(ctx)
+        except Exception:  # noqa: BLE001 - keep the worker alive; the job stays queued
+            log.exception("inbound delivery failed; will retry")
+            await asyncio.sleep(1.0)
+        try:
+            await asyncio.wait_for(_wake.wait(), POLL_SECONDS)
+        except asyncio.TimeoutError:
+            pass
+    _wake = None
+
