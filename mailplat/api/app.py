@@ -21,6 +21,8 @@ VIEW_MODULES = [
     "domains",
     "mailboxes",
     "autoconfig",
+    "messages",
+    "events",
 ]
 
 CTX = web.AppKey("ctx", Context)

@@ -1,0 +1,259 @@
+"""Events API: GET /v3/<domain>/events and GET /v3/<domain>/events/<page token>.
+
+Owns reading the query (begin, end, ascending, limit up to 300, filters event / recipient /
+from / message-id / tags / severity with Mailgun's " OR " and " AND " forms), walking the
+domain's stored events in timestamp order with a keyset cursor on (timestamp, row id), and the
+`paging` links {first, last, next, previous}: absolute URLs whose last path segment is an
+opaque token holding the query and the position, so mailgun.js (which requests
+/v3/<domain>/events/<last segment>) and plain HTTP clients (which GET the URL) both page.
+Every page, an empty last one too, carries paging.  Items are the stored event JSON
+(core/events.build); this module only reads.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+
+from aiohttp import web
+
+from ...core.context import Context
+from ...core.timefmt import parse_time
+from ...errors import InputError, NotFound
+from ...store.models import Domain, Event
+from ..forms import loose_bool, query
+from ..middleware import json_response
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 300
+# Ascending walks stop this many seconds before "now": an event stamped just before a
+# concurrent commit could otherwise land behind a poller's cursor and never be seen.
+SETTLE_SECONDS = 1.0
+MAX_SCAN = 20_000  # rows examined per page when Python-side filters (from, tags) reject many
+_OR = re.compile(r"\s+OR\s+", re.IGNORECASE)
+_AND = re.compile(r"\s+AND\s+", re.IGNORECASE)
+_FILTERS = ("event", "recipient", "from", "message-id", "tags", "severity")
+
+
+# -- the query ------------------------------------------------------------------------------------
+def parse_query(params) -> dict:
+    """The normalised query a token carries: {begin, end, asc, limit, f: {filter: value}}."""
+    q: dict = {"f": {}}
+    begin = params.get("begin")
+    end = params.get("end")
+    q["begin"] = parse_time(begin, "begin") if begin not in (None, "") else None
+    q["end"] = parse_time(end, "end") if end not in (None, "") else None
+    asc = params.get("ascending")
+    if asc not in (None, ""):
+        q["asc"] = loose_bool(asc, "ascending")
+    elif q["begin"] is not None and q["end"] is not None:
+        q["asc"] = q["begin"] <= q["end"]
+    else:
+        q["asc"] = False
+    limit = params.get("limit")
+    if limit in (None, ""):
+        q["limit"] = DEFAULT_LIMIT
+    else:
+        try:
+            q["limit"] = int(str(limit).strip())
+        except ValueError:
+            raise InputError("'limit' parameter should be an integer") from None
+        if q["limit"] < 1:
+            raise InputError("'limit' parameter should be at least 1")
+        if q["limit"] > MAX_LIMIT:
+            raise InputError(f"'limit' parameter should be at most {MAX_LIMIT}")
+    for name in _FILTERS:
+        value = params.get(name)
+        if value not in (None, ""):
+            if len(str(value)) > 2000:
+                raise InputError(f"'{name}' filter is too long")
+            q["f"][name] = str(value)
+    return q
+
+
+def _bounds(q: dict, now: float) -> tuple[float | None, float | None]:
+    begin, end, asc = q["begin"], q["end"], q["asc"]
+    if begin is not None and end is not None:
+        lo, hi = min(begin, end), max(begin, end)
+    elif begin is not None:
+        lo, hi = (begin, None) if asc else (None, begin)
+    elif end is not None:
+        lo, hi = (None, end) if asc else (end, None)
+    else:
+        lo = hi = None
+    if asc:
+        settled = now - SETTLE_SECONDS
+        hi = settled if hi is None else min(hi, settled)
+    return lo, hi
+
+
+def _or_values(text: str) -> list[str]:
+    return [v.strip() for v in _OR.split(text) if v.strip()]
+
+
+def _sql_filters(domain: str, f: dict) -> list:
+    conds = [Event.domain == domain]
+    if "event" in f:
+        conds.append(Event.event.in_([v.lower() for v in _or_values(f["event"])]))
+    if "recipient" in f:
+        conds.append(Event.recipient.in_([v for r in _or_values(f["recipient"]) for v in {r, r.lower()}]))
+    if "message-id" in f:
+        conds.append(Event.message_id.in_([v.strip("<>") for v in _or_values(f["message-id"])]))
+    if "severity" in f:
+        conds.append(Event.severity.in_([v.lower() for v in _or_values(f["severity"])]))
+    return conds
+
+
+def _python_filter(f: dict):
+    checks = []
+    if "from" in f:
+        wanted = [v.lower() for v in _or_values(f["from"])]
+
+        def from_ok(data):
+            headers = (data.get("message") or {}).get("headers") or {}
+            got = str(headers.get("from", "")).lower() + " " + str((data.get("envelope") or {}).get("sender", "")).lower()
+            return any(w in got for w in wanted)
+        checks.append(from_ok)
+    if "tags" in f:
+        alternatives = [[t.strip().lower() for t in _AND.split(alt) if t.strip()]
+                        for alt in _or_values(f["tags"])]
+
+        def tags_ok(data):
+            have = {str(t).lower() for t in data.get("tags") or []}
+            return any(all(t in have for t in alt) for alt in alternatives)
+        checks.append(tags_ok)
+    if not checks:
+        return None
+    return lambda data: all(c(data) for c in checks)
+
+
+def _page_sync(domain: str, q: dict, pos: list | None, back: bool, now: float):
+    """One page in presentation order: (items, first position, last position, exists)."""
+    if Domain.get_or_none(Domain.name == domain) is None:
+        raise NotFound("Domain not found")
+    lo, hi = _bounds(q, now)
+    asc = q["asc"] != back  # the walk's direction in the table
+    conds = _sql_filters(domain, q["f"])
+    if lo is not None:
+        conds.append(Event.timestamp >= lo)
+    if hi is not None:
+        conds.append(Event.timestamp <= hi)
+    if pos is not None:
+        ts, rid = float(pos[0]), int(pos[1])
+        if asc:
+            conds.append((Event.timestamp > ts) | ((Event.timestamp == ts) & (Event.id > rid)))
+        else:
+            conds.append((Event.timestamp < ts) | ((Event.timestamp == ts) & (Event.id < rid)))
+    order = [Event.timestamp.asc(), Event.id.asc()] if asc else [Event.timestamp.desc(), Event.id.desc()]
+    keep = _python_filter(q["f"])
+    limit = q["limit"]
+    found: list[tuple[float, int, dict]] = []
+    scanned = 0
+    batch = limit if keep is None else max(limit, 200)
+    cursor_conds = list(conds)
+    while len(found) < limit:
+        rows = list(Event.select(Event.id, Event.timestamp, Event.data).where(*cursor_conds)
+                    .order_by(*order).limit(batch).tuples())
+        for rid, ts, data in rows:
+            scanned += 1
+            if keep is None or keep(data):
+                found.append((ts, rid, data))
+                if len(found) >= limit:
+                    break
+        if len(rows) < batch or len(found) >= limit or scanned >= MAX_SCAN:
+            if scanned >= MAX_SCAN and rows and len(found) < limit:
+                # Stop here; the cursor moves past what was scanned so paging advances.
+                last_ts, last_id = rows[-1][1], rows[-1][0]
+                return _present(found, back), [last_ts, last_id]
+            break
+        last_ts, last_id = rows[-1][1], rows[-1][0]
+        cursor_conds = conds + [((Event.timestamp > last_ts) | ((Event.timestamp == last_ts) & (Event.id > last_id)))
+                                if asc else
+                                ((Event.timestamp < last_ts) | ((Event.timestamp == last_ts) & (Event.id < last_id)))]
+    return _present(found, back), None
+
+
+def _present(found, back: bool):
+    return list(reversed(found)) if back else found
+
+
+# -- tokens ----------------------------------------------------------------------------------------
+def encode_token(q: dict, pos, back: bool) -> str:
+    payload = {"q": q, "p": pos, "b": 1 if back else 0}
+    raw = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_token(token: str) -> tuple[dict, list | None, bool]:
+    bad = InputError("Invalid page token")
+    if not token or len(token) > 8192:
+        raise bad
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        q, pos, back = payload["q"], payload["p"], bool(payload["b"])
+        if not isinstance(q, dict) or not isinstance(q.get("f"), dict):
+            raise bad
+        clean = {"begin": _num_or_none(q.get("begin")), "end": _num_or_none(q.get("end")),
+                 "asc": bool(q.get("asc")), "limit": int(q.get("limit", DEFAULT_LIMIT)),
+                 "f": {k: str(v) for k, v in q["f"].items() if k in _FILTERS}}
+        if not 1 <= clean["limit"] <= MAX_LIMIT:
+            raise bad
+        if pos is not None:
+            pos = [float(pos[0]), int(pos[1])]
+        return clean, pos, back
+    except (ValueError, KeyError, TypeError, IndexError, binascii.Error, UnicodeDecodeError):
+        raise bad from None
+
+
+def _num_or_none(value):
+    return None if value is None else float(value)
+
+
+# -- handlers ----------------------------------------------------------------------------------------
+def setup(app: web.Application, ctx: Context) -> None:
+    store = ctx.store
+
+    def base_url(request: web.Request) -> str:
+        public = ctx.config.api.public_url.rstrip("/")
+        if public:
+            return public
+        return f"{request.scheme}://{request.host}"
+
+    async def serve_page(request: web.Request, domain: str, q: dict, pos, back: bool) -> web.Response:
+        now = ctx.clock()
+        items, scan_pos = await store.read(_page_sync, domain, q, pos, back, now)
+        base = f"{base_url(request)}/v3/{domain}/events/"
+        if items:
+            first_pos = [items[0][0], items[0][1]]
+            last_pos = [items[-1][0], items[-1][1]]
+            next_tok = encode_token(q, last_pos, False)
+            prev_tok = encode_token(q, first_pos, True)
+        else:
+            # Nothing here (yet): next asks again from the same place, previous looks back.
+            here = scan_pos or pos
+            next_tok = encode_token(q, here, False)
+            prev_tok = encode_token(q, here, True)
+        if scan_pos is not None and items and not back:
+            next_tok = encode_token(q, scan_pos, False)
+        paging = {
+            "first": base + encode_token(q, None, False),
+            "last": base + encode_token(q, None, True),
+            "next": base + next_tok,
+            "previous": base + prev_tok,
+        }
+        return json_response({"items": [data for _, _, data in items], "paging": paging})
+
+    async def list_events(request: web.Request) -> web.Response:
+        domain = request.match_info["domain"].strip().lower()
+        q = parse_query(query(request).fields)
+        return await serve_page(request, domain, q, None, False)
+
+    async def events_page(request: web.Request) -> web.Response:
+        domain = request.match_info["domain"].strip().lower()
+        q, pos, back = decode_token(request.match_info["token"])
+        return await serve_page(request, domain, q, pos, back)
+
+    for version in ("v3", "v2"):
+        app.router.add_get(f"/{version}/{{domain}}/events", list_events)
+        app.router.add_get(f"/{version}/{{domain}}/events/{{token}}", events_page)
