@@ -252,9 +252,14 @@ def cmd_db(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailplat", description="Self-hosted mail platform")
+    # SUPPRESS: a nested parser (`key create`) must not reset a value given earlier
+    # (`key --data-dir D create`); the None defaults live on the top parser.
+    parser.set_defaults(data_dir=None, config=None)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data-dir", help="data directory (default $MAILPLAT_DATA_DIR or ~/.local/share/mailplat)")
-    common.add_argument("--config", help="config file (default <data-dir>/mailplat.toml)")
+    common.add_argument("--data-dir", default=argparse.SUPPRESS,
+                        help="data directory (default $MAILPLAT_DATA_DIR or ~/.local/share/mailplat)")
+    common.add_argument("--config", default=argparse.SUPPRESS,
+                        help="config file (default <data-dir>/mailplat.toml)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init", parents=[common], help="create config, data dir, TLS cert and primary key")
