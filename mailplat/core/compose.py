@@ -135,15 +135,8 @@ def _add_file(part: EmailMessage, att: Attachment, inline: bool) -> None:
     if inline:
         kwargs["cid"] = f"<{filename}>"
         kwargs["disposition"] = "inline"
-    if maintype == "text":
-        try:
-            text = att.data.decode("utf-8")
-        except UnicodeDecodeError:
-            part.add_attachment(att.data, maintype="application", subtype="octet-stream", **kwargs)
-            return
-        part.add_attachment(text, subtype=subtype, **kwargs)
-    else:
-        part.add_attachment(att.data, maintype=maintype, subtype=subtype, **kwargs)
+    # Files travel as bytes (base64), so what arrives is exactly what was uploaded.
+    part.add_attachment(att.data, maintype=maintype, subtype=subtype, **kwargs)
 
 
 def _with_related(body: EmailMessage, inline: list[Attachment]) -> None:
@@ -151,8 +144,7 @@ def _with_related(body: EmailMessage, inline: list[Attachment]) -> None:
         maintype, subtype = guess_type(att.filename, att.content_type)
         filename = att.filename or "inline"
         check_header_value("filename", filename)
-        body.add_related(att.data if maintype != "text" else att.data.decode("utf-8", "replace"),
-                         **({"maintype": maintype} if maintype != "text" else {}), subtype=subtype,
+        body.add_related(att.data, maintype=maintype, subtype=subtype,
                          cid=f"<{filename}>", filename=filename, disposition="inline")
 
 
