@@ -99,6 +99,10 @@ class RelayConfig:
     allow_private_mx: bool = False
     # Port remote MXes listen on (25 in production; tests point it at a loopback server).
     remote_port: int = 25
+    # Seconds to wait for each reply of a remote MX (RFC 5321 4.5.3.2 suggests minutes).
+    command_timeout: float = 300.0
+    # CA bundle (PEM) that verifies remote MX certificates; empty means the system store.
+    ca_file: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,51 @@
+"""DKIM signing of outgoing mail: the one place mailplat signs (dkimpy).
+
+Owns `sign()`: rsa-sha256, relaxed/relaxed canonicalisation, no l= tag, over the message after
+its line endings are normalised to CRLF (exactly the bytes then sent).  Headers signed: those
+RFC 6376 recommends that are present, and the identity headers (From, To, Cc, Subject, Date,
+Message-Id, Reply-To, Sender, MIME-Version, Content-Type, ...) oversigned, i.e. listed once more
+in h= so that adding another instance (or adding an absent one) breaks the signature.
+Signing is CPU work: the relay calls it in a thread pool, never on the event loop.  Keys come
+from core.domains.dkim_signing_key_sync (mailauth.dkimkeys made them).
+"""
+from __future__ import annotations
+
+import re
+
+import dkim
+
+CANONICALIZE = (b"relaxed", b"relaxed")
+# Signed once more than they occur, whether present or not (protects against additions).
+OVERSIGNED = (b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"reply-to", b"sender",
+              b"mime-version", b"content-type", b"content-transfer-encoding", b"in-reply-to",
+              b"references", b"list-unsubscribe", b"list-unsubscribe-post")
+
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
+
+
+def normalize_crlf(raw: bytes) -> bytes:
+    """Every line ending as CRLF (bare LF and bare CR both become CRLF)."""
+    return _BARE_LF.sub(b"\r\n", _BARE_CR.sub(b"\r\n", raw))
+
+
+class SigningError(Exception):
+    pass
+
+
+def sign(raw: bytes, domain: str, selector: str, private_key_pem: str | bytes) -> bytes:
+    """Return the message with a DKIM-Signature header prepended (line endings CRLF)."""
+    message = normalize_crlf(raw)
+    if not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    pem = private_key_pem.encode("ascii") if isinstance(private_key_pem, str) else private_key_pem
+    signer = dkim.DKIM(message, linesep=b"\r\n", signature_algorithm=b"rsa-sha256")
+    present = [name for name, _ in signer.headers
+               if name.lower() in signer.should_sign or name.lower() in OVERSIGNED]
+    include = present + [h for h in OVERSIGNED if h not in signer.should_not_sign]
+    try:
+        header = signer.sign(selector.encode("ascii"), domain.encode("ascii"), pem,
+                             canonicalize=CANONICALIZE, include_headers=include, length=False)
+    except dkim.DKIMException as exc:
+        raise SigningError(str(exc)) from exc
+    return header + message

@@ -1,0 +1,200 @@
+"""SMTP client for outbound delivery (aiosmtplib): one connection to one remote MX, reused for
+several transactions, with the domain's TLS policy applied.
+
+Owns `connect(hosts, policy, ...)` (tries MX hosts in order and their addresses; STARTTLS per
+mailauth.tlspolicy; never falls back to plaintext when TLS is required) and `Session.send()`
+(MAIL/RCPT/DATA, RSET after a rejection so the connection can carry the next message).
+Failures come back as `DeliveryError` with the remote code, its enhanced status code and
+whether the connection is still usable; relay.outcome decides what they mean.
+After STARTTLS, aiosmtplib discards any plaintext the server sent ahead of the handshake
+(RFC 3207 4.2 injection defence) and we say EHLO again.
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import time
+from dataclasses import dataclass
+
+import aiosmtplib
+
+from ..mailauth.tlspolicy import TlsPolicy, client_context
+from .mx import MxHost
+
+NETWORK_ERRORS = (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ssl.SSLError, EOFError)
+_ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+
+
+def enhanced_code(message: str) -> str:
+    m = _ENHANCED.match(message or "")
+    return ".".join(m.groups()) if m else ""
+
+
+class DeliveryError(Exception):
+    """An attempt that did not end in 2xx.  `code` is the remote reply code (or ours: 451 for
+    connection trouble, 550/556 for DNS verdicts); `stage` says where it happened."""
+
+    def __init__(self, message: str, code: int = 451, *, stage: str = "connect", mx_host: str = "",
+                 tls: bool = False, verified: bool = False, tls_policy: bool = False):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.enhanced = enhanced_code(message)
+        self.stage = stage
+        self.mx_host = mx_host
+        self.tls = tls
+        self.verified = verified
+        self.tls_policy = tls_policy  # failed because the TLS policy could not be met
+
+    @property
+    def permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+
+@dataclass
+class Accepted:
+    code: int
+    message: str
+    mx_host: str
+    tls: bool
+    verified: bool
+    session_seconds: float
+
+    @property
+    def enhanced(self) -> str:
+        return enhanced_code(self.message)
+
+
+class Session:
+    def __init__(self, smtp: aiosmtplib.SMTP, host: str, tls: bool, verified: bool, policy: TlsPolicy):
+        self.smtp = smtp
+        self.host = host
+        self.tls = tls
+        self.verified = verified
+        self.policy = policy
+        self.usable = True
+        self.sent = 0
+
+    async def send(self, sender: str, recipient: str, data: bytes) -> Accepted:
+        started = time.monotonic()
+        stage = "mail"
+        try:
+            await self.smtp.mail(sender)
+            stage = "rcpt"
+            await self.smtp.rcpt(recipient)
+            stage = "data"
+            reply = await self.smtp.data(data)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError,
+                asyncio.TimeoutError) as exc:
+            self.usable = False
+            raise DeliveryError(f"Connection to {self.host} lost during {stage.upper()}: {exc}", 451,
+                                stage=stage, mx_host=self.host, tls=self.tls, verified=self.verified) from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            if exc.code == 421:
+                self.usable = False
+            else:
+                await self._reset()
+            raise DeliveryError(exc.message, exc.code, stage=stage, mx_host=self.host, tls=self.tls,
+                                verified=self.verified) from exc
+        except aiosmtplib.SMTPException as exc:
+            self.usable = False
+            raise DeliveryError(f"SMTP error from {self.host} during {stage.upper()}: {exc}", 451,
+                                stage=stage, mx_host=self.host, tls=self.tls, verified=self.verified) from exc
+        self.sent += 1
+        return Accepted(reply.code, reply.message, self.host, self.tls, self.verified,
+                        round(time.monotonic() - started, 3))
+
+    async def _reset(self) -> None:
+        try:
+            await self.smtp.rset()
+        except NETWORK_ERRORS:
+            self.usable = False
+
+    async def close(self) -> None:
+        self.usable = False
+        try:
+            if self.smtp.is_connected:
+                await asyncio.wait_for(self.smtp.quit(), 5)
+        except NETWORK_ERRORS:
+            pass
+        finally:
+            self.smtp.close()
+
+
+class _TlsUnavailable(Exception):
+    pass
+
+
+async def _open(address: str, host: str, port: int, policy: TlsPolicy, *, ca_file: str,
+                helo: str, connect_timeout: float, command_timeout: float,
+                try_starttls: bool = True) -> Session:
+    smtp = aiosmtplib.SMTP(hostname=address, port=port, local_hostname=helo, timeout=command_timeout,
+                           start_tls=False, use_tls=False)
+    await smtp.connect(timeout=connect_timeout)
+    try:
+        await smtp.ehlo()
+    except aiosmtplib.SMTPHeloError:
+        await smtp.helo()
+    if not try_starttls:
+        return Session(smtp, host, False, False, policy)
+    if not smtp.supports_extension("starttls"):
+        if policy.require_tls:
+            smtp.close()
+            raise _TlsUnavailable(f"TLS is required (require_tls) but {host} does not offer STARTTLS")
+        return Session(smtp, host, False, False, policy)
+    try:
+        await smtp.starttls(server_hostname=host, tls_context=client_context(policy, ca_file),
+                            timeout=command_timeout)
+        await smtp.ehlo()
+    except NETWORK_ERRORS as exc:
+        smtp.close()
+        detail = _tls_detail(exc)
+        raise _TlsUnavailable(f"STARTTLS with {host} failed: {detail}") from exc
+    return Session(smtp, host, True, policy.verify, policy)
+
+
+def _tls_detail(exc: BaseException) -> str:
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return f"certificate verification failed ({seen.verify_message})"
+        if isinstance(seen, ssl.SSLError):
+            return f"TLS handshake failed ({seen.reason or seen})"
+        seen = seen.__cause__ or seen.__context__
+    return str(exc) or exc.__class__.__name__
+
+
+async def connect(hosts: list[MxHost], policy: TlsPolicy, *, port: int, ca_file: str, helo: str,
+                  connect_timeout: float, command_timeout: float) -> Session:
+    """A session with the first MX host (by preference) that answers and meets the policy."""
+    problems: list[str] = []
+    tls_problem = False
+    greeting_code = 0
+    kw = dict(ca_file=ca_file, helo=helo, connect_timeout=connect_timeout, command_timeout=command_timeout)
+    for host in hosts:
+        for address in host.addresses:
+            try:
+                return await _open(address, host.name, port, policy, **kw)
+            except _TlsUnavailable as exc:
+                if policy.require_tls:
+                    problems.append(str(exc))
+                    tls_problem = True
+                    break  # this host cannot meet the policy; try the next MX
+                # Opportunistic TLS failed: deliver over plaintext on a fresh connection.
+                try:
+                    return await _open(address, host.name, port, policy, try_starttls=False, **kw)
+                except NETWORK_ERRORS as again:
+                    problems.append(f"{host.name} [{address}]: {again}")
+            except aiosmtplib.SMTPResponseException as exc:
+                greeting_code = exc.code
+                problems.append(f"{host.name} [{address}] said {exc.code} {exc.message}")
+            except NETWORK_ERRORS as exc:
+                problems.append(f"{host.name} [{address}]: {exc or exc.__class__.__name__}")
+    message = "; ".join(problems) or "no MX host to try"
+    if tls_problem:
+        raise DeliveryError(message, 451, stage="tls", mx_host=hosts[0].name if hosts else "",
+                            tls_policy=True)
+    # A 5xx greeting is the remote refusing us; keep it temporary unless every host said 5xx.
+    code = greeting_code if greeting_code >= 500 and len(problems) == sum(len(h.addresses) for h in hosts) else 451
+    raise DeliveryError(message, code, stage="connect", mx_host=hosts[0].name if hosts else "")

@@ -1,0 +1,128 @@
+"""What an outbound attempt means, recorded in the same transaction as the queue update.
+
+Owns the classification of results (2xx delivered; 4xx, connection and TLS-policy trouble
+temporary with back-off; 5xx and DNS verdicts permanent, reason by enhanced status code;
+temporary past relay.max_lifetime_seconds becomes permanent, reason "old"), the Mailgun
+`delivery-status` object, and the `*_sync` writers that update the queue row (store.queue),
+record the `delivered` / `failed` event (core.events) and add bounces (store.models.Bounce),
+all inside one store write.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from ..core import events
+from ..store import queue
+from ..store.models import Bounce, QueueItem
+
+JITTER = 0.1  # +-10% on every back-off interval
+
+
+@dataclass
+class Result:
+    """One attempt, as outcome understands it."""
+    code: int
+    message: str
+    enhanced: str = ""
+    mx_host: str = ""
+    tls: bool = False
+    verified: bool = False
+    session_seconds: float = 0.0
+    description: str = ""
+    permanent: bool = False
+    bounce: bool = True        # a permanent failure adds the address to the domain's bounces
+    reason: str = "generic"
+
+
+def classify_failure(code: int, message: str, enhanced: str, *, tls_policy: bool = False) -> tuple[bool, str, bool]:
+    """(permanent, reason, adds-a-bounce) for a failed attempt."""
+    if not 500 <= code < 600 or tls_policy:
+        return False, "generic", False
+    klass = enhanced.split(".")[1] if enhanced.count(".") == 2 else ""
+    if klass == "7":
+        # Policy or security refusal (blocklists, authentication): the address is fine, our
+        # mail was not; Mailgun calls this an ESP block and does not suppress the address.
+        return True, "espblock", False
+    if klass in ("3", "4", "5", "6"):
+        # Remote system, routing, protocol or content trouble: this message failed for good,
+        # but the mailbox is not known to be bad.
+        return True, "generic", klass in ("4",)
+    # X.1.x (addressing), X.2.x (mailbox), X.0.0 or no enhanced code: a hard bounce.
+    return True, "bounce", True
+
+
+def retry_delay(schedule: tuple[float, ...], attempts_done: int) -> float:
+    """Seconds until the next attempt after `attempts_done` attempts (>= 1), with jitter."""
+    base = schedule[min(max(attempts_done, 1), len(schedule)) - 1]
+    return max(0.05, base * random.uniform(1 - JITTER, 1 + JITTER))
+
+
+def delivery_status(result: Result, attempt_no: int, retry_seconds: int | None = None) -> dict:
+    status = {
+        "code": result.code,
+        "message": result.message,
+        "description": result.description or result.message,
+        "attempt-no": attempt_no,
+        "mx-host": result.mx_host,
+        "tls": result.tls,
+        "certificate-verified": result.verified,
+        "enhanced-code": result.enhanced,
+        "session-seconds": result.session_seconds,
+        "utf8": True,
+    }
+    if retry_seconds is not None:
+        status["retry-seconds"] = retry_seconds
+    return status
+
+
+def _add_bounce(domain: str, address: str, code: int, error: str, now: float) -> None:
+    Bounce.insert(domain=domain, address=address.lower(), code=str(code), error=error[:2000],
+                  created_at=now).on_conflict(
+        conflict_target=[Bounce.domain, Bounce.address],
+        update={Bounce.code: str(code), Bounce.error: error[:2000], Bounce.created_at: now}).execute()
+
+
+def delivered_sync(item: QueueItem, owner: str, result: Result, now: float, test_mode: bool = False) -> bool:
+    """The recipient's server took the message (or test mode says it would have)."""
+    # force: the remote said 250, so the row is done even if our lease ran out meanwhile.
+    queue.finish_sync(item.id, owner, state="delivered", now=now, code=result.code,
+                      error="" if not test_mode else "test mode: not sent", force=True)
+    message = item.message
+    data = events.build("delivered", message, item.recipient, timestamp=now,
+                        delivery_status=delivery_status(result, item.attempts + 1))
+    events.record_sync(message.domain, data)
+    return True
+
+
+def failed_sync(item: QueueItem, owner: str, result: Result, now: float, schedule: tuple[float, ...],
+                max_lifetime: float) -> dict:
+    """Record a failed attempt: a temporary one is rescheduled with back-off unless the queue
+    lifetime has run out (then it is permanent, reason "old").  Returns what was decided, or
+    {} when the lease was lost (another worker owns the row now)."""
+    attempt_no = item.attempts + 1
+    message = item.message
+    permanent, reason, bounce = result.permanent, result.reason, result.bounce
+    next_at = None
+    retry_seconds = None
+    if not permanent:
+        expires = queue.lifetime_start_sync(item) + max_lifetime
+        if now >= expires:
+            permanent, reason, bounce = True, "old", False
+            result.description = (f"Gave up after {attempt_no} attempts over the queue lifetime "
+                                  f"({int(max_lifetime)} s); last error: {result.message}")
+        else:
+            delay = retry_delay(schedule, attempt_no)
+            next_at = min(now + delay, expires)
+            retry_seconds = max(0, round(next_at - now))
+    state = "failed" if permanent else "queued"
+    if not queue.finish_sync(item.id, owner, state=state, now=now, next_attempt_at=next_at,
+                             code=result.code, error=result.message):
+        return {}
+    data = events.build("failed", message, item.recipient, timestamp=now,
+                        severity="permanent" if permanent else "temporary", reason=reason,
+                        delivery_status=delivery_status(result, attempt_no, retry_seconds))
+    events.record_sync(message.domain, data)
+    if permanent and bounce:
+        _add_bounce(message.domain, item.recipient, result.code, result.message, now)
+    return {"permanent": permanent, "reason": reason, "next_attempt_at": next_at}

@@ -1,0 +1,362 @@
+"""The relay's worker loop: claim due queue rows, prepare each copy, deliver, record outcomes.
+
+Owns scheduling inside one relay process.  A dispatcher leases due rows (store.queue.claim_sync)
+while fewer than `4 x relay.workers` are in hand, groups them by recipient domain (the
+destination) and runs up to `relay.per_destination` destination tasks per domain, at most
+`relay.workers` connections in all.  A destination task resolves MX (relay.mx), opens one
+connection (relay.client) and delivers every waiting row for that domain over it (reopening
+only when a message needs a different TLS policy).  Before sending, each copy is rendered
+(core.render.for_recipient) and DKIM-signed (mailauth.dkim) in a worker thread.  Outcomes are
+written by relay.outcome in the same transaction as the queue update.  Test-mode messages are
+marked delivered without any network I/O.
+
+Wake-ups: in-process wakers and PostgreSQL LISTEN (store.queue), else polling with a short
+back-off, never later than the next due row.  Time comes from `ctx.clock`; when the
+environment variable MAILPLAT_TEST_CLOCK_FILE is set (TESTS ONLY) the relay's clock is
+time.time() plus the number of seconds written in that file, so a test can move it forward.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+
+from .. import logs
+from ..core import render
+from ..core.domains import dkim_signing_key_sync
+from ..mailauth import dkim as dkimsign
+from ..mailauth.tlspolicy import TlsPolicy, policy_for
+from ..store import blobs, queue
+from ..store.models import Domain, QueueItem
+from . import client, outcome
+from .mx import MxError, MxResolver
+
+log = logs.get("mailplat.relay")
+
+CLAIM_BATCH = 100
+POLL_MIN = 0.02
+POLL_MAX_SQLITE = 1.0
+POLL_MAX_LISTEN = 5.0
+STOP_TIMEOUT = 30.0
+TEST_CLOCK_ENV = "MAILPLAT_TEST_CLOCK_FILE"
+
+
+def make_clock(default):
+    """The relay's clock: ctx.clock, or (tests only) time.time() + the offset in the file named
+    by MAILPLAT_TEST_CLOCK_FILE."""
+    path = os.environ.get(TEST_CLOCK_ENV)
+    if not path:
+        return default
+    cache = {"mtime": None, "offset": 0.0}
+
+    def clock() -> float:
+        try:
+            st = os.stat(path)
+            if st.st_mtime_ns != cache["mtime"]:
+                with open(path) as fh:
+                    cache["offset"] = float(fh.read().strip() or 0)
+                cache["mtime"] = st.st_mtime_ns
+        except (OSError, ValueError):
+            pass
+        return time.time() + cache["offset"]
+    return clock
+
+
+@dataclass
+class Job:
+    item: QueueItem
+    raw: bytes | None
+    domain_row: Domain | None
+    signing: tuple[str, str, str] | None
+    policy: TlsPolicy = field(default_factory=TlsPolicy)
+
+    @property
+    def message(self):
+        return self.item.message
+
+    @property
+    def test_mode(self) -> bool:
+        return bool((self.message.options or {}).get("testmode"))
+
+
+def _load_jobs_sync(ids: list[int]) -> list[Job]:
+    items = queue.load_sync(ids)
+    raws: dict[str, bytes | None] = {}
+    domains: dict[str, Domain | None] = {}
+    keys: dict[str, tuple | None] = {}
+    jobs = []
+    for item in items:
+        msg = item.message
+        if msg.blob not in raws:
+            try:
+                raws[msg.blob] = blobs.get_sync(msg.blob)
+            except KeyError:
+                raws[msg.blob] = None
+        if msg.domain not in domains:
+            domains[msg.domain] = Domain.get_or_none(Domain.name == msg.domain)
+            keys[msg.domain] = dkim_signing_key_sync(msg.domain)
+        jobs.append(Job(item=item, raw=raws[msg.blob], domain_row=domains[msg.domain],
+                        signing=keys[msg.domain],
+                        policy=policy_for(domains[msg.domain], msg.options)))
+    return jobs
+
+
+def _prepare(job: Job) -> bytes:
+    """The exact bytes for this recipient: rendered, then DKIM-signed (runs in a thread)."""
+    data = render.for_recipient(job.message, job.raw, job.item.recipient)
+    data = dkimsign.normalize_crlf(data)
+    options = job.message.options or {}
+    if options.get("dkim") is False or job.signing is None:
+        return data
+    d, selector, pem = job.signing
+    return dkimsign.sign(data, d, selector, pem)
+
+
+class Worker:
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.cfg = ctx.config.relay
+        self.clock = make_clock(ctx.clock)
+        self.owner = f"{socket.gethostname()[:30]}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.mx = MxResolver(ctx.resolver, allow_private=self.cfg.allow_private_mx)
+        self.helo = ctx.config.server.hostname
+        self.max_inflight = max(self.cfg.workers * 4, CLAIM_BATCH)
+        self.inflight: dict[int, Job] = {}
+        self.pending: dict[str, deque[Job]] = defaultdict(deque)
+        self.dest_tasks: dict[str, int] = defaultdict(int)
+        self.tasks: set[asyncio.Task] = set()
+        self.conn_slots = asyncio.Semaphore(self.cfg.workers)
+        self.wake = asyncio.Event()
+        self.stopping = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.listener: queue.Listener | None = None
+        self.dispatcher: asyncio.Task | None = None
+        self.delivered = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        queue.add_waker(self._wake_threadsafe)
+        if self.ctx.store.is_postgres:
+            self.listener = queue.Listener(self.ctx.store.url, self._wake_threadsafe)
+            self.listener.start()
+        self.dispatcher = asyncio.create_task(self._dispatch(), name="relay-dispatch")
+        logs.event(log, "relay started", owner=self.owner, workers=self.cfg.workers,
+                   per_destination=self.cfg.per_destination)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        queue.remove_waker(self._wake_threadsafe)
+        if self.listener:
+            await asyncio.to_thread(self.listener.stop)
+        if self.dispatcher:
+            await self.dispatcher
+        not_started = [job.item.id for jobs in self.pending.values() for job in jobs]
+        for jobs in self.pending.values():
+            jobs.clear()
+        for item_id in not_started:
+            self.inflight.pop(item_id, None)
+        if not_started:
+            await self.ctx.store.write(queue.release_sync, self.owner, not_started)
+        if self.tasks:
+            done, still = await asyncio.wait(set(self.tasks), timeout=STOP_TIMEOUT)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=5)
+                log.warning("relay stopped with %d deliveries unfinished (their leases will expire)", len(still))
+        logs.event(log, "relay stopped", owner=self.owner, released=len(not_started))
+
+    def _wake_threadsafe(self) -> None:
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.wake.set)
+
+    # -- dispatch ----------------------------------------------------------------------------
+    async def _dispatch(self) -> None:
+        idle = POLL_MIN
+        poll_max = POLL_MAX_LISTEN if self.listener else POLL_MAX_SQLITE
+        while not self.stopping:
+            self.wake.clear()
+            claimed = 0
+            room = self.max_inflight - len(self.inflight)
+            try:
+                if room > 0:
+                    claimed = await self._claim(min(room, CLAIM_BATCH))
+                if claimed == CLAIM_BATCH and room > CLAIM_BATCH:
+                    continue  # more may be due right now
+                if claimed:
+                    idle = POLL_MIN
+                    timeout = poll_max
+                else:
+                    now = self.clock()
+                    due = await self.ctx.store.read(queue.next_due_sync, now)
+                    timeout = min(poll_max, idle) if due is None else max(0.0, min(due - now, poll_max, idle))
+                    idle = min(idle * 2, poll_max)
+                    if room <= 0:
+                        timeout = poll_max  # woken when a delivery finishes
+            except Exception:  # noqa: BLE001 - store trouble: log, back off, carry on
+                log.exception("relay dispatch failed")
+                timeout = poll_max
+            if self.stopping:
+                break
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout)
+                idle = POLL_MIN
+            except asyncio.TimeoutError:
+                pass
+
+    async def _claim(self, limit: int) -> int:
+        ids = await self.ctx.store.write(queue.claim_sync, self.owner, self.clock(),
+                                         self.cfg.lease_seconds, limit)
+        if not ids:
+            return 0
+        jobs = await self.ctx.store.read(_load_jobs_sync, ids)
+        test_jobs = []
+        for job in jobs:
+            self.inflight[job.item.id] = job
+            if job.test_mode:
+                test_jobs.append(job)
+            else:
+                self.pending[job.item.rcpt_domain].append(job)
+        if test_jobs:
+            self._spawn(self._deliver_test_mode(test_jobs))
+        for domain in list(self.pending):
+            self._ensure_destinations(domain)
+        return len(ids)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _ensure_destinations(self, domain: str) -> None:
+        waiting = len(self.pending.get(domain, ()))
+        while waiting > self.dest_tasks[domain] and self.dest_tasks[domain] < self.cfg.per_destination:
+            self.dest_tasks[domain] += 1
+            self._spawn(self._destination(domain))
+
+    def _done(self, job: Job) -> None:
+        self.inflight.pop(job.item.id, None)
+        self.wake.set()
+
+    # -- delivery ----------------------------------------------------------------------------
+    async def _deliver_test_mode(self, jobs: list[Job]) -> None:
+        """o:testmode: accepted and reported delivered, nothing leaves the host."""
+        for job in jobs:
+            result = outcome.Result(code=250, message="OK", description="Test mode: not sent")
+            await self._record(job, result, delivered=True, test_mode=True)
+
+    async def _destination(self, domain: str) -> None:
+        try:
+            async with self.conn_slots:
+                session: client.Session | None = None
+                try:
+                    while self.pending.get(domain):
+                        job = self.pending[domain].popleft()
+                        session = await self._deliver(job, session)
+                finally:
+                    if session is not None:
+                        await session.close()
+        finally:
+            self.dest_tasks[domain] -= 1
+            if not self.pending.get(domain):
+                self.pending.pop(domain, None)
+                if self.dest_tasks[domain] <= 0:
+                    self.dest_tasks.pop(domain, None)
+
+    async def _deliver(self, job: Job, session: client.Session | None) -> client.Session | None:
+        item = job.item
+        with logs.context(queue_id=item.id, message_id=job.message.message_id, recipient=item.recipient):
+            if job.raw is None:
+                await self._record(job, outcome.Result(code=451, message="4.3.0 Message body missing from the store"))
+                return session
+            try:
+                data = await asyncio.to_thread(_prepare, job)
+            except Exception as exc:  # noqa: BLE001 - our bug is a temporary failure, never a bounce
+                log.exception("preparing the message failed")
+                await self._record(job, outcome.Result(code=451, message=f"4.3.0 Local error preparing the message: {exc}"))
+                return session
+            if session is not None and (not session.usable or session.policy != job.policy):
+                await session.close()
+                session = None
+            if session is None:
+                try:
+                    hosts = await self.mx.resolve(item.rcpt_domain)
+                    session = await client.connect(
+                        hosts, job.policy, port=self.cfg.remote_port, ca_file=self.cfg.ca_file,
+                        helo=self.helo, connect_timeout=self.cfg.connect_timeout,
+                        command_timeout=self.cfg.command_timeout)
+                except MxError as exc:
+                    await self._fail_destination(job, self._mx_result(exc))
+                    return None
+                except client.DeliveryError as exc:
+                    await self._fail_destination(job, self._error_result(exc))
+                    return None
+            try:
+                accepted = await session.send(job.message.sender, item.recipient, data)
+            except client.DeliveryError as exc:
+                await self._record(job, self._error_result(exc))
+                return session
+            await self._record(job, outcome.Result(
+                code=accepted.code, message=accepted.message, enhanced=accepted.enhanced,
+                mx_host=accepted.mx_host, tls=accepted.tls, verified=accepted.verified,
+                session_seconds=accepted.session_seconds), delivered=True)
+            return session
+
+    async def _fail_destination(self, job: Job, result: outcome.Result) -> None:
+        """A destination-level failure (DNS, no connection, TLS policy) applies to every waiting
+        row for that domain under the same policy: record it for all instead of retrying each."""
+        same = [j for j in self.pending.get(job.item.rcpt_domain, ()) if j.policy == job.policy]
+        for other in same:
+            self.pending[job.item.rcpt_domain].remove(other)
+        for j in [job] + same:
+            await self._record(j, outcome.Result(**{**result.__dict__}))
+
+    def _mx_result(self, exc: MxError) -> outcome.Result:
+        if exc.permanent:
+            null_mx = "null MX" in exc.message
+            code, enhanced = (556, "5.1.10") if null_mx else (550, "5.1.2")
+            return outcome.Result(code=code, message=f"{enhanced} {exc.message}", enhanced=enhanced,
+                                  permanent=True, reason="bounce", bounce=True)
+        return outcome.Result(code=451, message=f"4.4.3 {exc.message}", enhanced="4.4.3")
+
+    def _error_result(self, exc: client.DeliveryError) -> outcome.Result:
+        permanent, reason, bounce = outcome.classify_failure(exc.code, exc.message, exc.enhanced,
+                                                             tls_policy=exc.tls_policy)
+        message = exc.message
+        enhanced = exc.enhanced
+        if exc.tls_policy and not enhanced:
+            enhanced = "4.7.5" if "certificate" in message else "4.7.4"
+            message = f"{enhanced} {message}"
+        elif not enhanced and exc.stage == "connect":
+            enhanced = "4.4.1"
+        return outcome.Result(code=exc.code, message=message, enhanced=enhanced, mx_host=exc.mx_host,
+                              tls=exc.tls, verified=exc.verified, permanent=permanent, reason=reason,
+                              bounce=bounce)
+
+    async def _record(self, job: Job, result: outcome.Result, delivered: bool = False,
+                      test_mode: bool = False) -> None:
+        now = self.clock()
+        try:
+            if delivered:
+                await self.ctx.store.write(outcome.delivered_sync, job.item, self.owner, result, now, test_mode)
+                self.delivered += 1
+                logs.event(log, "delivered", queue_id=job.item.id, recipient=job.item.recipient,
+                           mx_host=result.mx_host, code=result.code, tls=result.tls)
+            else:
+                decided = await self.ctx.store.write(outcome.failed_sync, job.item, self.owner, result, now,
+                                                     self.cfg.retry_schedule, self.cfg.max_lifetime_seconds)
+                logs.event(log, "delivery failed", level=logging.WARNING, queue_id=job.item.id,
+                           recipient=job.item.recipient, code=result.code, error=result.message,
+                           permanent=decided.get("permanent"), lease_lost=not decided)
+        except Exception:  # noqa: BLE001 - not recorded: the lease expires and the row is retried
+            log.exception("recording the outcome failed")
+        finally:
+            self._done(job)

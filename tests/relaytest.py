@@ -1,0 +1,128 @@
+"""Helpers for the relay tests (tests/test_relay*.py): queue mail through the real send path,
+read the store, publish a domain's DKIM key in the loopback DNS, and verify DKIM with Debian's
+Mail::DKIM (libmail-dkim-perl), an implementation independent of the dkimpy that signs."""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import tempfile
+from pathlib import Path
+
+PERL_VERIFY = r"""
+use strict; use warnings;
+use Mail::DKIM::Verifier; use Mail::DKIM::DNS; use Net::DNS::Resolver;
+my ($ns, $port) = @ARGV;
+Mail::DKIM::DNS::resolver(Net::DNS::Resolver->new(nameservers => [$ns], port => $port,
+    recurse => 1, tcp_timeout => 5, udp_timeout => 5));
+my $dkim = Mail::DKIM::Verifier->new();
+binmode STDIN;
+while (my $line = <STDIN>) { $line =~ s/\015?\012\z/\015\012/; $dkim->PRINT($line); }
+$dkim->CLOSE;
+print $dkim->result, "\n";
+print join(",", map { $_->result . "(" . ($_->result_detail // "") . ")" } $dkim->signatures), "\n";
+"""
+
+
+def dkim_verify_perl(raw: bytes, dns_port: int) -> str:
+    """'pass' / 'fail' / 'none' / ... as Mail::DKIM judges `raw`, keys looked up in our DNS."""
+    with tempfile.NamedTemporaryFile("w", suffix=".pl", delete=False) as fh:
+        fh.write(PERL_VERIFY)
+    try:
+        out = subprocess.run(["perl", fh.name, "127.0.0.1", str(dns_port)], input=raw,
+                             capture_output=True, timeout=60, check=True).stdout.decode()
+    finally:
+        Path(fh.name).unlink()
+    return out.strip()
+
+
+def create_domain(server, dns, name: str, **form) -> dict:
+    """A domain through the API, its DKIM public key published in the test DNS."""
+    r = server.api("POST", "/v3/domains", data={"name": name, **form})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    for rec in body["sending_dns_records"]:
+        if rec["record_type"] == "TXT" and "_domainkey" in rec["name"]:
+            value = rec["value"]
+            chunks = " ".join('"' + value[i:i + 200] + '"' for i in range(0, len(value), 200))
+            dns.add(rec["name"], "TXT", chunks)
+    return body
+
+
+def point_mx(dns, domain: str, ip: str, mx_name: str | None = None) -> str:
+    """MX for `domain` -> mx_name (default mx.<domain>) -> A ip."""
+    mx_name = mx_name or f"mx.{domain}"
+    dns.add(domain, "MX", f"10 {mx_name}.")
+    dns.add(mx_name, "A", ip)
+    return mx_name
+
+
+def _with_store(db_url: str, fn, *args):
+    from mailplat.store.db import Store
+    store = Store(db_url)
+    try:
+        with store.sync():
+            return fn(*args)
+    finally:
+        store.close()
+
+
+def db_url_of(data_dir: Path) -> str:
+    from mailplat import config as configmod
+    return configmod.load(data_dir=Path(data_dir)).db_url
+
+
+def send(data_dir: Path, domain: str, to: list[str], subject: str = "Hello", text: str = "Hi there.\n",
+         **options) -> str:
+    """Queue a message through core.send.submit (the one send path) in this process; returns
+    the message id.  options: testmode, require_tls, skip_verification, deliver_at, dkim."""
+    from mailplat import config as configmod
+    from mailplat.core.context import Context
+    from mailplat.core.options import Options
+    from mailplat.core.send import SendRequest, submit
+    from mailplat.store.db import Store
+
+    cfg = configmod.load(data_dir=Path(data_dir))
+
+    async def go():
+        store = Store(cfg.db_url)
+        try:
+            ctx = Context(config=cfg, store=store)
+            opts = Options()
+            for key, value in options.items():
+                setattr(opts, key, value)
+            req = SendRequest(domain=domain, source="api", from_=f"Sender <sender@{domain}>", to=to,
+                              subject=subject, text=text, options=opts)
+            return (await submit(ctx, req)).message_id
+        finally:
+            store.close()
+
+    return asyncio.run(go())
+
+
+def events(db_url: str, recipient: str | None = None, kind: str | None = None) -> list[dict]:
+    from mailplat.store.models import Event
+
+    def q():
+        query = Event.select().order_by(Event.timestamp, Event.id)
+        if recipient:
+            query = query.where(Event.recipient == recipient)
+        if kind:
+            query = query.where(Event.event == kind)
+        return [e.data for e in query]
+    return _with_store(db_url, q)
+
+
+def queue_rows(db_url: str, recipient: str | None = None) -> list[dict]:
+    from mailplat.store.models import QueueItem
+
+    def q():
+        query = QueueItem.select().order_by(QueueItem.id)
+        if recipient:
+            query = query.where(QueueItem.recipient == recipient)
+        return list(query.dicts())
+    return _with_store(db_url, q)
+
+
+def bounces(db_url: str, domain: str) -> list[dict]:
+    from mailplat.store.models import Bounce
+    return _with_store(db_url, lambda: list(Bounce.select().where(Bounce.domain == domain).dicts()))

@@ -1,0 +1,132 @@
+"""A target SMTP server on loopback for tests: the stand-in for a remote MX.
+
+aiosmtpd's Controller in a thread.  It records every transaction (`sink.messages`: envelope
+sender, recipients, the raw bytes received, whether the session was under TLS, which
+connection carried it) and answers as scripted:
+    sink = SmtpSink(); sink.start()                  # plaintext, no STARTTLS, 127.0.0.1:<free>
+    sink = SmtpSink(host="127.0.0.5", port=p)        # any loopback address: one port, many MXes
+    sink = SmtpSink(tls_context=ctx); sink.start()   # offers STARTTLS with that certificate
+    sink.data_replies = ["451 4.3.0 Try later"]      # next DATA replies, in order; then 250
+    sink.rcpt_replies["bad@x.test"] = "550 5.1.1 No such user"
+    sink.stall_data()  /  sink.unstall()              # hold DATA replies until released
+    sink.wait_count(3)                                # wait until 3 messages were accepted
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+    tls: bool
+    connection: int
+    at: float
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Handler:
+    def __init__(self, sink: "SmtpSink"):
+        self.sink = sink
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        reply = self.sink.rcpt_replies.get(address.lower())
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        sink = self.sink
+        with sink.lock:
+            sink.data_commands += 1
+        while sink._stall.is_set():
+            sink.stalled_sessions.add(id(session))
+            await asyncio.sleep(0.02)
+        with sink.lock:
+            if sink.data_replies:
+                reply = sink.data_replies.pop(0)
+                if reply:
+                    sink.rejected += 1
+                    return reply
+            sink.messages.append(Received(
+                mail_from=envelope.mail_from, rcpt_tos=list(envelope.rcpt_tos),
+                data=bytes(envelope.original_content or b""), tls=session.ssl is not None,
+                connection=id(session), at=time.time()))
+        return "250 2.0.0 OK queued"
+
+
+class SmtpSink:
+    def __init__(self, tls_context=None, hostname: str = "mx.sink.test", port: int | None = None,
+                 host: str = "127.0.0.1"):
+        self.host = host
+        self.port = port or free_port()
+        self.tls_context = tls_context
+        self.hostname = hostname
+        self.messages: list[Received] = []
+        self.data_replies: list[str | None] = []
+        self.rcpt_replies: dict[str, str] = {}
+        self.data_commands = 0
+        self.rejected = 0
+        self.stalled_sessions: set[int] = set()
+        self.lock = threading.Lock()
+        self._stall = threading.Event()
+        self.controller: Controller | None = None
+
+    def start(self) -> "SmtpSink":
+        kwargs = {}
+        if self.tls_context is not None:
+            kwargs = {"tls_context": self.tls_context, "require_starttls": False}
+        self.controller = Controller(_Handler(self), hostname=self.host, port=self.port,
+                                     server_hostname=self.hostname, ready_timeout=10,
+                                     data_size_limit=60 * 1024 * 1024, **kwargs)
+        self.controller.start()
+        return self
+
+    def stop(self) -> None:
+        self._stall.clear()
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # -- scripting ---------------------------------------------------------------------------
+    def stall_data(self) -> None:
+        self._stall.set()
+
+    def unstall(self) -> None:
+        self._stall.clear()
+
+    # -- inspection --------------------------------------------------------------------------
+    def to(self, recipient: str) -> list[Received]:
+        with self.lock:
+            return [m for m in self.messages if recipient.lower() in (r.lower() for r in m.rcpt_tos)]
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.messages)
+
+    def wait_count(self, n: int, timeout: float = 20.0) -> list[Received]:
+        from tests.support import wait_for
+        wait_for(lambda: self.count() >= n, timeout=timeout, what=f"{n} messages at the sink")
+        with self.lock:
+            return list(self.messages)
