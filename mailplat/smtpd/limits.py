@@ -54,7 +54,7 @@ class AuthThrottle:
 
     free = 2
     base = 0.5
-    cap = 4.0
+    cap = 2.0
     refuse_after = 8
     window = 900.0
     max_entries = 100_000

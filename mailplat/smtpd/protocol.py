@@ -225,6 +225,7 @@ class Session(SMTP):
                     break
                 self._reset_timeout()  # a deadline for the whole next command
                 line = await self._read_line(max(COMMAND_LIMITS.values()))
+                self._timeout_handle.cancel()  # the deadline is the client's, not ours
                 verb = b""
                 if line is not None:
                     verb = line.split(b" ", 1)[0].rstrip(b"\r\n").upper()
