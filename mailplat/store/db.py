@@ -64,6 +64,9 @@ def make_database(url: str) -> peewee.Database:
             host=parsed.hostname or None,
             port=parsed.port or None,
             autorollback=True,
+            # peewee maps FloatField to REAL (float32) on PostgreSQL: epoch times would lose
+            # ~2 minutes of precision.  Every float here is a time or a score: store doubles.
+            field_types={"FLOAT": "DOUBLE PRECISION"},
         )
     raise ValueError(f"unsupported database URL scheme {parsed.scheme!r}")
 
