@@ -275,6 +275,8 @@ def test_idn_is_stored_as_a_label(server):
     ("ips", "999.1.1.1", "ips"),
     ("smtp_password", "abcd", PASSWORD_MESSAGE),
     ("smtp_password", "x" * 33, PASSWORD_MESSAGE),
+    ("smtp_password", "abc\x00defg", "smtp_password"),
+    ("smtp_password", "abc\r\ndefg", "smtp_password"),
 ])
 def test_bad_create_options_are_400_and_create_nothing(server, unique_domain, field, value, needle):
     r = create(server, unique_domain, **{field: value})
@@ -629,3 +631,33 @@ def test_domains_rate_limit(tmp_path, unique_domain):
         assert srv.api("GET", f"/v3/domains/{unique_domain}").status_code == 429
     finally:
         srv.stop()
+
+
+# -- the signing-key interface other parts use ----------------------------------------------
+def test_dkim_signing_key_lookup_for_the_signer(server):
+    from mailplat.core.domains import dkim_signing_key_sync
+    from mailplat.store.db import Store
+
+    parent = f"sig-{uuid.uuid4().hex[:8]}.example.test"
+    child = f"mail.{parent}"
+    created(server, parent, dkim_selector="pk")
+    created(server, child)
+    own = f"own-{uuid.uuid4().hex[:8]}.example.test"
+    created(server, own, dkim_key_size="2048")
+    cfg = configmod.load(data_dir=server.data_dir, env={}, check_files=False)
+    store = Store(cfg.db_url, read_threads=1)
+    try:
+        with store.sync():
+            got_parent = dkim_signing_key_sync(parent)
+            got_child = dkim_signing_key_sync(child.upper())
+            got_own = dkim_signing_key_sync(own)
+            assert dkim_signing_key_sync("nobody.example.test") is None
+    finally:
+        store.close()
+    assert got_parent[:2] == ("sig-" + parent[4:], "pk") and got_child == got_parent
+    assert got_own[:2] == (own, "mailo")
+    for name, (_, _, pem) in ((parent, got_parent), (own, got_own)):
+        body = server.api("GET", f"/v3/domains/{name}").json()
+        derived = base64.b64encode(serialization.load_pem_private_key(pem.encode(), None).public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).decode()
+        assert dkim_record(body)["value"] == f"k=rsa; p={derived}"

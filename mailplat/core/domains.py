@@ -110,6 +110,8 @@ def _password(value: Any, field: str = "password") -> str:
         raise InputError(f"'{field}' parameter should be a string")
     if not PASSWORD_MIN <= len(value) <= PASSWORD_MAX:
         raise InputError(PASSWORD_MESSAGE)
+    if any(c in value for c in "\x00\r\n"):  # unusable in SMTP AUTH (PLAIN separates with NUL)
+        raise InputError(f"'{field}' must not contain NUL, CR or LF")
     return value
 
 
@@ -232,7 +234,10 @@ def _ancestor_authority(name: str) -> str | None:
 def dkim_signing_key_sync(name: str) -> tuple[str, str, str] | None:
     """(signing domain d=, selector s=, private key PEM) for mail from `name`, or None.
     For use inside a store read (mailauth.dkim / relay)."""
-    d = Domain.get_or_none(Domain.name == name.lower())
+    try:
+        d = Domain.get_or_none(Domain.name == normalize_name(name))
+    except InputError:
+        return None
     if d is None:
         return None
     authority, key = _signing_key_row(d)
@@ -275,7 +280,7 @@ async def create_domain(ctx, name: Any, opts: dict) -> dict:
     # The slow parts happen before the one write transaction, so it either commits all or nothing.
     keypair, password_hash = await asyncio.gather(
         dkimkeys.generate_async(key_size),
-        hash_password_async(password) if password is not None else _none())
+        hash_password_async(password) if password is not None else asyncio.sleep(0))
     now = ctx.clock()
 
     def write():
@@ -300,10 +305,6 @@ async def create_domain(ctx, name: Any, opts: dict) -> dict:
 
     view = await ctx.store.write(write)
     return {**_full_json(ctx, view), "message": "Domain has been created"}
-
-
-async def _none():
-    return None
 
 
 async def list_domains(ctx, limit: int = 100, skip: int = 0, authority: str | None = None,
@@ -411,11 +412,6 @@ def _spf_ok(values: list[str], include: str) -> bool:
     return False
 
 
-def _dkim_ok(values: list[str], expected: str) -> bool:
-    want = dkimkeys.txt_public_key(expected)
-    return any(dkimkeys.txt_public_key(v) == want for v in values)
-
-
 async def verify_domain(ctx, name: str) -> dict:
     name = _existing_name(name)
     view = await ctx.store.read(_full_sync, name)
@@ -444,7 +440,7 @@ async def verify_domain(ctx, name: str) -> dict:
         elif rec["value"].startswith("v=spf1"):
             valid = _spf_ok(values, spf_include)
         else:
-            valid = _dkim_ok(values, rec["value"])
+            valid = dkimkeys.published(values, rec["value"])
         if not isinstance(valid, str):
             valid = "valid" if valid else "invalid"
         checks[_check_key(rec["record_type"], qname, rec["value"])] = {"valid": valid, "cached": values}

@@ -64,3 +64,9 @@ def txt_public_key(txt: str) -> str | None:
         if sep and name.strip().lower() == "p":
             return re.sub(r"\s+", "", value)
     return None
+
+
+def published(txt_values: list[str], expected: str) -> bool:
+    """Whether any of the TXT strings found in DNS publishes the key of the `expected` value."""
+    want = txt_public_key(expected)
+    return want is not None and any(txt_public_key(v) == want for v in txt_values)
