@@ -304,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("key_id")
     p.set_defaults(fn=cmd_key)
 
+    from .clicmds import queue as queue_cmd
+    queue_cmd.register(sub, common)
+
     p = sub.add_parser("db", parents=[common], help="database maintenance")
     bsub = p.add_subparsers(dest="db_cmd", required=True)
     bsub.add_parser("migrate", parents=[common])

@@ -35,9 +35,14 @@ class Env:
         self.sinks.append(sink)
         return sink, ip
 
-    def domain(self, **form) -> str:
+    def domain(self, **connection) -> str:
+        """A sending domain; connection settings (require_tls, skip_verification) set through
+        PUT /v3/domains/<name>/connection."""
         name = f"s{uuid.uuid4().hex[:8]}.example.test"
-        create_domain(self.server, self.dns, name, **form)
+        create_domain(self.server, self.dns, name)
+        if connection:
+            r = self.server.api("PUT", f"/v3/domains/{name}/connection", data=connection)
+            assert r.status_code == 200, r.text
         return name
 
     def rcpt_domain(self, ip: str, mx_name: str | None = None) -> tuple[str, str]:
@@ -105,3 +110,238 @@ def test_delivers_with_dkim_that_another_implementation_verifies(env):
     assert ds["tls"] is False and ds["certificate-verified"] is False
     assert ev["message"]["headers"]["message-id"] == mid
     assert queue_rows(env.db_url, rcpt)[0]["state"] == "delivered"
+
+
+def test_tls_with_verified_certificate(env):
+    rdom = f"r{uuid.uuid4().hex[:8]}.example.test"
+    mx = f"mx.{rdom}"
+    sink, ip = env.sink(tls_context=server_tls(env.ca, mx))
+    point_mx(env.dns, rdom, ip, mx)
+    rcpt = f"bob@{rdom}"
+    send(env.server.data_dir, env.domain(require_tls="true"), [rcpt])
+    got = sink.wait_count(1)[0]
+    assert got.tls is True
+    ds = env.wait_event(rcpt, "delivered")["delivery-status"]
+    assert ds["tls"] is True and ds["certificate-verified"] is True
+
+
+def self_signed_context(tmp, hostname: str) -> ssl.SSLContext:
+    from mailplat.tls import make_self_signed, server_context
+    cert, key = tmp / f"{hostname}.crt", tmp / f"{hostname}.key"
+    make_self_signed(cert, key, hostname)
+    return server_context(cert, key)
+
+
+def test_self_signed_target_is_refused_when_tls_is_required(env):
+    rdom = f"r{uuid.uuid4().hex[:8]}.example.test"
+    mx = f"mx.{rdom}"
+    sink, ip = env.sink(tls_context=self_signed_context(env.tmp, mx))
+    point_mx(env.dns, rdom, ip, mx)
+    rcpt = f"carol@{rdom}"
+    mid = send(env.server.data_dir, env.domain(), [rcpt], require_tls=True, skip_verification=False)
+    ev = env.wait_event(rcpt, "failed")
+    assert ev["severity"] == "temporary"  # a certificate can be fixed: retried until the lifetime ends
+    ds = ev["delivery-status"]
+    assert "certificate verification failed" in ds["message"] and ds["enhanced-code"] == "4.7.5"
+    assert ds["retry-seconds"] >= 0
+    # A second attempt happens (the row is retried) and still nothing reached the target.
+    wait_for(lambda: len(env.events(rcpt, "failed")) >= 2, timeout=20, what="a retry")
+    assert sink.count() == 0 and sink.data_commands == 0
+    r = env.server.cli("queue", "drop", mid)
+    assert "dropped 1" in r.stdout
+    assert queue_rows(env.db_url, rcpt)[0]["state"] == "failed"
+
+
+def test_self_signed_target_with_opportunistic_tls_falls_back_to_plaintext(env):
+    rdom = f"r{uuid.uuid4().hex[:8]}.example.test"
+    mx = f"mx.{rdom}"
+    sink, ip = env.sink(tls_context=self_signed_context(env.tmp, mx))
+    point_mx(env.dns, rdom, ip, mx)
+    rcpt = f"dave@{rdom}"
+    send(env.server.data_dir, env.domain(), [rcpt])  # require_tls false, skip_verification false
+    got = sink.wait_count(1)[0]
+    assert got.tls is False
+    ds = env.wait_event(rcpt, "delivered")["delivery-status"]
+    assert ds["tls"] is False and ds["certificate-verified"] is False
+
+
+def test_skip_verification_accepts_self_signed_over_tls(env):
+    rdom = f"r{uuid.uuid4().hex[:8]}.example.test"
+    mx = f"mx.{rdom}"
+    sink, ip = env.sink(tls_context=self_signed_context(env.tmp, "someone-else.test"))
+    point_mx(env.dns, rdom, ip, mx)
+    rcpt = f"erin@{rdom}"
+    send(env.server.data_dir, env.domain(), [rcpt], require_tls=True, skip_verification=True)
+    got = sink.wait_count(1)[0]
+    assert got.tls is True
+    ds = env.wait_event(rcpt, "delivered")["delivery-status"]
+    assert ds["tls"] is True and ds["certificate-verified"] is False
+
+
+def test_hostname_mismatch_is_refused_when_verifying(env):
+    rdom = f"r{uuid.uuid4().hex[:8]}.example.test"
+    sink, ip = env.sink(tls_context=server_tls(env.ca, "other-host.example.test"))
+    point_mx(env.dns, rdom, ip)
+    rcpt = f"frank@{rdom}"
+    mid = send(env.server.data_dir, env.domain(require_tls="true"), [rcpt])
+    ev = env.wait_event(rcpt, "failed")
+    assert ev["severity"] == "temporary"
+    assert "certificate verification failed" in ev["delivery-status"]["message"]
+    assert sink.data_commands == 0
+    env.server.cli("queue", "drop", mid)
+
+
+def test_required_tls_without_starttls_never_sends_plaintext(env):
+    sink, ip = env.sink()  # no STARTTLS offered
+    rdom, mx = env.rcpt_domain(ip)
+    rcpt = f"gina@{rdom}"
+    mid = send(env.server.data_dir, env.domain(), [rcpt], require_tls=True)
+    ev = env.wait_event(rcpt, "failed")
+    assert ev["severity"] == "temporary"
+    assert "does not offer STARTTLS" in ev["delivery-status"]["message"]
+    wait_for(lambda: len(env.events(rcpt, "failed")) >= 2, timeout=20, what="a retry")
+    assert sink.data_commands == 0 and sink.count() == 0
+    env.server.cli("queue", "drop", mid)
+
+
+def test_temporary_failure_then_delivered_on_retry(env):
+    sink, ip = env.sink()
+    sink.data_replies = ["451 4.3.0 Greylisted, try again"]
+    rdom, mx = env.rcpt_domain(ip)
+    rcpt = f"hank@{rdom}"
+    send(env.server.data_dir, env.domain(), [rcpt])
+    failed = env.wait_event(rcpt, "failed")
+    assert failed["severity"] == "temporary" and failed["reason"] == "generic"
+    ds = failed["delivery-status"]
+    assert ds["code"] == 451 and ds["enhanced-code"] == "4.3.0" and ds["attempt-no"] == 1
+    assert "retry-seconds" in ds
+    delivered = env.wait_event(rcpt, "delivered")
+    assert delivered["delivery-status"]["attempt-no"] == 2
+    assert len(sink.to(rcpt)) == 1 and sink.rejected == 1
+    row = queue_rows(env.db_url, rcpt)[0]
+    assert row["state"] == "delivered" and row["attempts"] == 2
+
+
+def test_permanent_failure_bounces_and_suppresses_later_sends(env):
+    sink, ip = env.sink()
+    rdom, mx = env.rcpt_domain(ip)
+    rcpt = f"ivan@{rdom}"
+    sink.rcpt_replies[rcpt] = "550 5.1.1 No such user here"
+    sender = env.domain()
+    send(env.server.data_dir, sender, [rcpt])
+    ev = env.wait_event(rcpt, "failed")
+    assert ev["severity"] == "permanent" and ev["reason"] == "bounce"
+    assert ev["delivery-status"]["code"] == 550 and ev["delivery-status"]["enhanced-code"] == "5.1.1"
+    rows = bounces(env.db_url, sender)
+    assert [(b["address"], b["code"]) for b in rows] == [(rcpt, "550")]
+    assert "No such user" in rows[0]["error"]
+    assert queue_rows(env.db_url, rcpt)[0]["state"] == "failed"
+    # A later send to the bounced address is not attempted.
+    send(env.server.data_dir, sender, [rcpt], subject="again")
+    suppressed = env.wait_event(rcpt, "failed", reason="suppress-bounce")
+    assert suppressed["severity"] == "permanent"
+    assert len(queue_rows(env.db_url, rcpt)) == 1
+    assert sink.count() == 0
+
+
+def test_policy_rejection_is_permanent_without_bounce(env):
+    sink, ip = env.sink()
+    sink.data_replies = ["554 5.7.1 Message refused by policy"]
+    rdom, _ = env.rcpt_domain(ip)
+    rcpt = f"judy@{rdom}"
+    sender = env.domain()
+    send(env.server.data_dir, sender, [rcpt])
+    ev = env.wait_event(rcpt, "failed")
+    assert ev["severity"] == "permanent" and ev["reason"] == "espblock"
+    assert bounces(env.db_url, sender) == []
+
+
+def test_dns_verdicts(env):
+    sender = env.domain()
+    nx = f"nx{uuid.uuid4().hex[:8]}.example.test"      # nothing published: NXDOMAIN
+    null = f"null{uuid.uuid4().hex[:8]}.example.test"
+    env.dns.add(null, "MX", "0 .")
+    broken = f"sf{uuid.uuid4().hex[:8]}.example.test"
+    env.dns.set_rcode(broken, "SERVFAIL")
+    mid = send(env.server.data_dir, sender, [f"a@{nx}", f"b@{null}", f"c@{broken}"])
+    e_nx = env.wait_event(f"a@{nx}", "failed")
+    assert e_nx["severity"] == "permanent" and "NXDOMAIN" in e_nx["delivery-status"]["message"]
+    e_null = env.wait_event(f"b@{null}", "failed")
+    assert e_null["severity"] == "permanent" and e_null["delivery-status"]["code"] == 556
+    assert "null MX" in e_null["delivery-status"]["message"]
+    e_sf = env.wait_event(f"c@{broken}", "failed")
+    assert e_sf["severity"] == "temporary" and e_sf["delivery-status"]["code"] == 451
+    addresses = {b["address"] for b in bounces(env.db_url, sender)}
+    assert addresses == {f"a@{nx}", f"b@{null}"}
+    # When the DNS recovers, the temporary one is delivered on a later attempt.
+    sink, ip = env.sink()
+    env.dns.rcodes.pop(__import__("dns.name").name.from_text(broken))
+    point_mx(env.dns, broken, ip)
+    sink.wait_count(1)
+    assert env.wait_event(f"c@{broken}", "delivered")["delivery-status"]["attempt-no"] >= 2
+    assert mid
+
+
+def test_implicit_mx_from_address_record(env):
+    sink, ip = env.sink()
+    rdom = f"a{uuid.uuid4().hex[:8]}.example.test"
+    env.dns.add(rdom, "A", ip)  # no MX: deliver to the domain's own address
+    rcpt = f"kim@{rdom}"
+    send(env.server.data_dir, env.domain(), [rcpt])
+    assert sink.wait_count(1)[0].rcpt_tos == [rcpt]
+    assert env.wait_event(rcpt, "delivered")["delivery-status"]["mx-host"] == rdom
+
+
+def test_test_mode_never_connects(env):
+    sink, ip = env.sink()
+    rdom, _ = env.rcpt_domain(ip)
+    rcpt = f"lee@{rdom}"
+    before = len(env.dns.queries)
+    send(env.server.data_dir, env.domain(), [rcpt], testmode=True)
+    ev = env.wait_event(rcpt, "delivered")
+    assert ev["flags"]["is-test-mode"] is True
+    assert sink.count() == 0 and sink.data_commands == 0
+    assert not [q for q in env.dns.queries[before:] if rdom in q[0]]  # not even a DNS lookup
+
+
+def test_one_connection_carries_many_messages(env):
+    sink, ip = env.sink()
+    rdom, _ = env.rcpt_domain(ip)
+    rcpts = [f"user{i}@{rdom}" for i in range(30)]
+    send(env.server.data_dir, env.domain(), rcpts)
+    got = sink.wait_count(30)
+    assert sorted(r for m in got for r in m.rcpt_tos) == sorted(rcpts)
+    connections = {m.connection for m in got}
+    assert len(connections) <= 5  # relay.per_destination default
+    assert all(m.data.startswith(b"DKIM-Signature:") for m in got)
+
+
+def test_dkim_off_sends_unsigned(env):
+    sink, ip = env.sink()
+    rdom, _ = env.rcpt_domain(ip)
+    rcpt = f"max@{rdom}"
+    send(env.server.data_dir, env.domain(), [rcpt], dkim=False)
+    got = sink.wait_count(1)[0]
+    assert b"DKIM-Signature" not in got.data
+
+
+def test_queue_cli_hold_release_show_list(env):
+    sink, ip = env.sink()
+    rdom, _ = env.rcpt_domain(ip)
+    rcpt = f"ned@{rdom}"
+    sink.stall_data()
+    # Scheduled far ahead so the relay leaves it alone while we hold it.
+    import time
+    mid = send(env.server.data_dir, env.domain(), [rcpt], deliver_at=time.time() + 3600)
+    out = env.server.cli("queue", "hold", mid).stdout
+    assert "held 1" in out
+    show = env.server.cli("queue", "show", mid).stdout
+    assert "state: held" in show and rcpt in show
+    listing = env.server.cli("queue", "list", "--state", "held").stdout
+    assert rcpt in listing
+    assert "released 1" in env.server.cli("queue", "release", mid).stdout
+    sink.unstall()
+    assert "retried 1" in env.server.cli("queue", "retry", mid).stdout  # due now
+    assert sink.wait_count(1)[0].rcpt_tos == [rcpt]
+    bad = env.server.cli("queue", "show", "nosuch@id", check=False)
+    assert bad.returncode == 1 and "no queued message" in bad.stderr

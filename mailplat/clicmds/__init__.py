@@ -1,0 +1,1 @@
+"""Subcommands of `mailplat` that live outside cli.py, each with `register(sub, common)`."""
