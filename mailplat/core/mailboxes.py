@@ -147,6 +147,12 @@ def _uidvalidity() -> int:
 
 # -- in-process change listeners ------------------------------------------------------------
 _watchers: dict[int, set[Callable[[], None]]] = {}
+_versions: dict[int, int] = {}
+
+
+def version(folder_id: int) -> int:
+    """Bumped by changed(): lets a session skip a store read when nothing happened here."""
+    return _versions.get(folder_id, 0)
 
 
 def watch(folder_id: int, callback: Callable[[], None]) -> None:
@@ -164,6 +170,7 @@ def unwatch(folder_id: int, callback: Callable[[], None]) -> None:
 def changed(*folder_ids: int) -> None:
     """Tell in-process sessions watching these folders (call on the event loop, after commit)."""
     for fid in folder_ids:
+        _versions[fid] = _versions.get(fid, 0) + 1
         for cb in list(_watchers.get(fid, ())):
             try:
                 cb()
@@ -396,6 +403,15 @@ def folder_state_sync(mbid: int, name: str, with_rows: bool = False) -> FolderSt
     return state
 
 
+def status_sync(mbid: int, name: str) -> tuple[FolderInfo, int, int, int]:
+    """(info, message count, unseen count, total size) without loading the UID list."""
+    f = _folder(mbid, name)
+    base = MailMessage.select().where(MailMessage.folder == f.id)
+    unseen = base.where(~(MailMessage.flags.contains("\\Seen"))).count()
+    size = MailMessage.select(MailMessage.size).where(MailMessage.folder == f.id).tuples()
+    return _info(f), base.count(), unseen, sum(t[0] for t in size)
+
+
 def folder_info_sync(folder_id: int) -> FolderInfo | None:
     f = MailFolder.get_or_none(MailFolder.id == folder_id)
     return _info(f) if f else None
@@ -491,9 +507,9 @@ def deliver_sync(address: str, sha: str, size: int, date: float) -> int | None:
 
 
 def store_flags_sync(folder_id: int, uids: list[int], flags: list[str], mode: int,
-                     unchangedsince: int | None = None) -> tuple[list[Row], list[int]]:
-    """mode 0 replace, 1 add, -1 remove.  Returns (changed rows, uids that failed the
-    UNCHANGEDSINCE test)."""
+                     unchangedsince: int | None = None) -> tuple[list[Row], list[int], list[int]]:
+    """mode 0 replace, 1 add, -1 remove.  Returns (all rows as they now are, uids changed,
+    uids that failed the UNCHANGEDSINCE test)."""
     f = MailFolder.get_by_id(folder_id)
     rows = message_rows_sync(folder_id, uids)
     changed_rows, failed = [], []
@@ -515,8 +531,8 @@ def store_flags_sync(folder_id: int, uids: list[int], flags: list[str], mode: in
         MailMessage.update(flags=" ".join(new), modseq=modseq).where(
             (MailMessage.folder == folder_id) & (MailMessage.uid == r.uid)).execute()
         r.flags, r.modseq = new, modseq
-        changed_rows.append(r)
-    return changed_rows, failed
+        changed_rows.append(r.uid)
+    return rows, changed_rows, failed
 
 
 def expunge_sync(folder_id: int, uids: list[int] | None = None) -> list[int]:

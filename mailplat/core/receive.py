@@ -227,6 +227,12 @@ async def deliver_due(ctx) -> int:
             return total
 
 
+def wake() -> None:
+    """Run the worker's next pass now (accept() does this; so does a stopping service)."""
+    if _wake is not None:
+        _wake.set()
+
+
 async def run_inbound_worker(ctx, stopping: asyncio.Event) -> None:
     """Files inbound jobs until `stopping` is set; woken at once by accept() in this process,
     otherwise polling every POLL_SECONDS (jobs committed by other processes)."""

@@ -1,11 +1,21 @@
-"""The mailaccess service (being built).
+"""The mailaccess service: IMAP (143 STARTTLS, 993 implicit TLS) and POP3 (110 STLS, 995
+implicit TLS) listeners on Twisted's asyncio reactor, plus the inbound worker.
 
-Nothing is queued for it yet (webhooks and routes arrive with their issues), so it starts and
-stops cleanly and binds no port.
+Owns binding and stopping the four listeners (port 0 = any free port; the bound ports are
+returned by start()) and running core.receive.run_inbound_worker: mail accepted by the MX
+reaches mailboxes only while a mailaccess service runs somewhere on the store.  Protocols live
+in imap.py and pop3.py.
 """
 from __future__ import annotations
 
+import asyncio
+
+from .. import logs
+from ..core import receive
 from ..core.context import Context
+from . import realm
+
+log = logs.get("mailplat.mailaccess")
 
 
 class Service:
@@ -13,12 +23,57 @@ class Service:
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
+        self.listeners = []
+        self.factories = []
+        self.stopping = asyncio.Event()
+        self.worker: asyncio.Task | None = None
 
     async def start(self) -> dict[str, int]:
-        return {}
+        from twisted.internet import reactor  # installed on this loop by the supervisor
+        from .imap import IMAPFactory
+        from .pop3 import POP3Factory
+        cfg = self.ctx.config
+        tls = realm.tls_options(self.ctx)
+        throttle = realm.LoginThrottle()
+        bind = cfg.server.bind
+        ports = {}
+        specs = [("imap", IMAPFactory, cfg.mailaccess.imap_port, False),
+                 ("imaps", IMAPFactory, cfg.mailaccess.imaps_port, True),
+                 ("pop3", POP3Factory, cfg.mailaccess.pop3_port, False),
+                 ("pop3s", POP3Factory, cfg.mailaccess.pop3s_port, True)]
+        for name, factory_cls, port, implicit in specs:
+            factory = factory_cls(self.ctx, tls, implicit, throttle)
+            if implicit:
+                lp = reactor.listenSSL(port, factory, tls, backlog=1024, interface=bind)
+            else:
+                lp = reactor.listenTCP(port, factory, backlog=1024, interface=bind)
+            self.listeners.append(lp)
+            self.factories.append(factory)
+            ports[name] = lp.getHost().port
+        self.worker = asyncio.get_running_loop().create_task(
+            receive.run_inbound_worker(self.ctx, self.stopping))
+        log.info("mailaccess listening", extra={"fields": ports})
+        return ports
 
     async def stop(self) -> None:
+        for lp in self.listeners:
+            await _deferred(lp.stopListening())
+        for f in self.factories:
+            for s in list(getattr(f, "sessions", ())):
+                s.close(b"Server shutting down")
+        self.stopping.set()
+        receive.wake()
+        if self.worker is not None:
+            try:
+                await asyncio.wait_for(self.worker, 30)
+            except asyncio.TimeoutError:
+                self.worker.cancel()
+
+
+async def _deferred(d):
+    if d is None:
         return None
+    return await d.asFuture(asyncio.get_running_loop())
 
 
 def create(ctx: Context) -> Service:

@@ -1,0 +1,111 @@
+"""Who may read which mailbox, and the transport rules IMAP and POP3 share.
+
+Owns: mailbox login for IMAP and POP3 (core.auth.check_login: argon2 in a thread, never on the
+reactor; the login must be a mailbox, not only an SMTP credential), the escalating per-IP delay
+after failed logins and the temporary refusal after many, the "may this connection send a
+password" rule (TLS, or loopback in dev mode), and Twisted TLS options built from the
+configured certificate.  imap.py and pop3.py call these.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+
+from OpenSSL import crypto
+from twisted.internet import ssl as tssl
+from twisted.internet.interfaces import ISSLTransport
+
+from .. import logs
+from ..core import auth, mailboxes
+from ..errors import NotFound
+
+log = logs.get("mailplat.mailaccess")
+
+FAIL_WINDOW = 600.0
+MAX_DELAY = 5.0
+REFUSE_AFTER = 50
+
+
+class LoginThrottle:
+    """Failed logins per client IP in a sliding window."""
+
+    def __init__(self):
+        self.fails: dict[str, list[float]] = {}
+
+    def _recent(self, ip: str) -> list[float]:
+        now = time.monotonic()
+        lst = [t for t in self.fails.get(ip, []) if now - t < FAIL_WINDOW]
+        if lst:
+            self.fails[ip] = lst
+        else:
+            self.fails.pop(ip, None)
+        return lst
+
+    def refused(self, ip: str) -> bool:
+        return len(self._recent(ip)) >= REFUSE_AFTER
+
+    def delay(self, ip: str) -> float:
+        n = len(self._recent(ip))
+        return 0.0 if n == 0 else min(MAX_DELAY, 0.25 * (2 ** min(n - 1, 6)))
+
+    def failed(self, ip: str) -> None:
+        if len(self.fails) > 100_000:
+            self.fails.clear()
+        self.fails.setdefault(ip, []).append(time.monotonic())
+
+    def succeeded(self, ip: str) -> None:
+        self.fails.pop(ip, None)
+
+
+class TemporarilyRefused(Exception):
+    pass
+
+
+async def login(ctx, throttle: LoginThrottle, ip: str, user: str, password: str, proto: str):
+    """(address, mailbox id) for a right mailbox password, else None after the penalty delay.
+    Raises TemporarilyRefused when this IP failed too often lately."""
+    if throttle.refused(ip):
+        log.warning("login refused: too many failures", extra={"fields": {"peer": ip, "proto": proto}})
+        raise TemporarilyRefused()
+    address = (user or "").strip().lower()
+    domain = await auth.check_login(ctx.store, address, password or "")
+    mbid = None
+    if domain is not None:
+        try:
+            mbid = await ctx.store.read(mailboxes.account_id_sync, address)
+        except NotFound:
+            mbid = None
+    if mbid is None:
+        delay = throttle.delay(ip)
+        throttle.failed(ip)
+        log.info("login failed", extra={"fields": {"peer": ip, "proto": proto}})
+        await asyncio.sleep(delay + 0.1)
+        return None
+    throttle.succeeded(ip)
+    return address, mbid
+
+
+def is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+def is_tls(transport) -> bool:
+    return ISSLTransport(transport, None) is not None
+
+
+def may_send_password(ctx, transport, tls_started: bool) -> bool:
+    if tls_started or is_tls(transport):
+        return True
+    peer = transport.getPeer()
+    return bool(ctx.config.server.dev_mode and is_loopback(getattr(peer, "host", "")))
+
+
+def tls_options(ctx) -> tssl.CertificateOptions:
+    cert = crypto.load_certificate(crypto.FILETYPE_PEM, ctx.config.tls_cert.read_bytes())
+    key = crypto.load_privatekey(crypto.FILETYPE_PEM, ctx.config.tls_key.read_bytes())
+    return tssl.CertificateOptions(privateKey=key, certificate=cert,
+                                   raiseMinimumTo=tssl.TLSVersion.TLSv1_2)
