@@ -306,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .clicmds import queue as queue_cmd
     queue_cmd.register(sub, common)
+    from .clicmds import sendtest
+    sendtest.register(sub, common)
 
     p = sub.add_parser("db", parents=[common], help="database maintenance")
     bsub = p.add_subparsers(dest="db_cmd", required=True)

@@ -435,3 +435,22 @@ def test_batch_send_renders_each_recipient(server, store, domain):
         assert msg["Message-Id"] == r.json()["id"]
     evs = {e["recipient"]: e["data"] for e in store.events(r.json()["id"])}
     assert evs["a@x.test"]["user-variables"] == {"email-id": "e1", "name": "Alice", "id": "A1"}
+
+
+def test_send_test_cli_goes_through_the_api(server, store, domain):
+    before = store.count("api_key")
+    out = server.cli("send-test", "--from", f"Ops <ops@{domain}>", "--to", "t1@x.test", "--to", "t2@x.test",
+                     "--subject", "cli test", "--testmode")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Queued. Thank you. id=<")
+    mid = out.stdout.strip().split("id=", 1)[1]
+    m = store.message(mid)
+    assert m["source"] == "api" and m["subject"] == "cli test" and m["options"]["testmode"] is True
+    assert [q["recipient"] for q in store.queue(m["id"])] == ["t1@x.test", "t2@x.test"]
+    # The one-use sending key was revoked after use.
+    keys = store.rows("SELECT * FROM api_key WHERE description = ?", "send-test (one use)")
+    assert store.count("api_key") == before + 1 and all(k["revoked_at"] for k in keys)
+    bad = server.cli("send-test", "--from", "ops@unknown.example.test", "--to", "t@x.test", check=False)
+    assert bad.returncode == 1 and "Domain not found" in bad.stderr
+    bad = server.cli("send-test", "--from", f"ops@{domain}", "--to", "not-an-address", check=False)
+    assert bad.returncode == 1 and "400" in bad.stderr and "not a valid address" in bad.stderr
