@@ -29,19 +29,19 @@ def setup(app: web.Application, ctx: Context) -> None:
     host = cfg.server.hostname
     ma, smtp = cfg.mailaccess, cfg.smtp
 
-    def port(name: str, configured: int) -> int:
+    def bound(name: str, configured: int) -> int:
         # Ports bound in this process win over the configured ones (0 means "any free port").
         return ctx.ports.get(name) or configured
 
     def thunderbird(address: str) -> str:
         domain = address.rpartition("@")[2] if address else host
         e = escape
-        servers = [("incomingServer", "imap", port("imaps", ma.imaps_port), "SSL"),
-                   ("incomingServer", "imap", port("imap", ma.imap_port), "STARTTLS"),
-                   ("incomingServer", "pop3", port("pop3s", ma.pop3s_port), "SSL"),
-                   ("incomingServer", "pop3", port("pop3", ma.pop3_port), "STARTTLS"),
-                   ("outgoingServer", "smtp", port("submissions", smtp.submissions_port), "SSL"),
-                   ("outgoingServer", "smtp", port("submission", smtp.submission_port), "STARTTLS")]
+        servers = [("incomingServer", "imap", bound("imaps", ma.imaps_port), "SSL"),
+                   ("incomingServer", "imap", bound("imap", ma.imap_port), "STARTTLS"),
+                   ("incomingServer", "pop3", bound("pop3s", ma.pop3s_port), "SSL"),
+                   ("incomingServer", "pop3", bound("pop3", ma.pop3_port), "STARTTLS"),
+                   ("outgoingServer", "smtp", bound("submissions", smtp.submissions_port), "SSL"),
+                   ("outgoingServer", "smtp", bound("submission", smtp.submission_port), "STARTTLS")]
         parts = ['<?xml version="1.0" encoding="UTF-8"?>', '<clientConfig version="1.1">',
                  f'  <emailProvider id="{e(domain, {chr(34): "&quot;"})}">',
                  f"    <domain>{e(domain)}</domain>",
@@ -70,8 +70,8 @@ def setup(app: web.Application, ctx: Context) -> None:
         m = re.search(rb"<EMailAddress>\s*([^<]{1,320}?)\s*</EMailAddress>", body, re.I)
         address = _address(m.group(1).decode("utf-8", "replace")) if m else ""
         e = escape
-        protos = [("IMAP", port("imaps", ma.imaps_port), "on"), ("POP3", port("pop3s", ma.pop3s_port), "on"),
-                  ("SMTP", port("submissions", smtp.submissions_port), "on")]
+        protos = [("IMAP", bound("imaps", ma.imaps_port), "on"), ("POP3", bound("pop3s", ma.pop3s_port), "on"),
+                  ("SMTP", bound("submissions", smtp.submissions_port), "on")]
         parts = ['<?xml version="1.0" encoding="utf-8"?>',
                  '<Autodiscover xmlns="http://schemas.microsoft.com/exchange/autodiscover/responseschema/2006">',
                  '  <Response xmlns="http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a">',
