@@ -81,11 +81,13 @@ async def run(ctx: Context, names: list[str], on_ready=None) -> int:
         log.info("stopping")
         sd_notify("STOPPING=1")
     finally:
-        for service in reversed(started):
-            try:
-                await service.stop()
-            except Exception:  # noqa: BLE001 - keep stopping the others
-                log.exception("error while stopping %s", service.name)
+        # All at once: every listener closes now, and each service drains its in-flight work
+        # in parallel (one service draining must not keep another's port open).
+        results = await asyncio.gather(*(service.stop() for service in started),
+                                       return_exceptions=True)
+        for service, result in zip(started, results):
+            if isinstance(result, BaseException):  # keep stopping the others
+                log.error("error while stopping %s", service.name, exc_info=result)
         ctx.store.close()
     log.info("stopped")
     return 0
