@@ -179,3 +179,20 @@ def test_render_substitutes_per_recipient():
 def test_render_without_recipient_variables_is_byte_for_byte():
     row, raw = _batch_message({})
     assert render.for_recipient(row, raw, "a@x.test") is raw
+
+
+def test_compose_non_ascii_and_long_lines_round_trip():
+    long_line = "word " * 400  # one 2,000-character line: must be encoded, never cut
+    msg = _compose(from_="Jöhn Dœ <j@ex.test>", to=compose.parse_addresses(["Zoë <z@bücher.example>"], "to"),
+                   subject="Grüße, " + "ü" * 100, text="Grüße\n" + long_line, html="<p>ñ</p>",
+                   attachments=[Attachment("répört.txt", None, "ünïcode".encode())],
+                   headers=[("X-Note", "naïve"), ("X-Long", "v " * 600)])
+    raw = msg.as_bytes()
+    assert raw.isascii() and max(len(l) for l in raw.split(b"\n")) <= 998
+    assert str(msg["From"]) == "Jöhn Dœ <j@ex.test>"
+    assert msg["To"].addresses[0].addr_spec == "z@xn--bcher-kva.example"
+    assert msg["Subject"] == "Grüße, " + "ü" * 100
+    assert msg["X-Note"] == "naïve" and msg["X-Long"].split() == ["v"] * 600
+    assert msg.get_body(("plain",)).get_content().replace("\r\n", "\n") == "Grüße\n" + long_line
+    att = next(msg.iter_attachments())
+    assert att.get_filename() == "répört.txt" and att.get_payload(decode=True) == "ünïcode".encode()
