@@ -8,6 +8,7 @@ On SIGTERM/SIGINT: stop accepting, let in-flight work finish, exit 0.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import importlib
 import json
 import os
@@ -51,11 +52,33 @@ def install_twisted_reactor(loop: asyncio.AbstractEventLoop) -> None:
         asyncioreactor.install(loop)
 
 
+def _update_ports(data_dir, add: dict[str, int], remove=()) -> None:
+    """Merge into <data_dir>/ports.json under a lock: several `serve <service>` processes (the
+    systemd instances) share one data dir, each adding its ports and removing them on stop."""
+    path = data_dir / "ports.json"
+    with open(data_dir / ".ports.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            current = json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            current = {}
+        for name in remove:
+            current.pop(name, None)
+        current.update(add)
+        if not current and remove:
+            path.unlink(missing_ok=True)
+            return
+        tmp = path.with_name(f"ports.json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+
+
 def write_ports(ctx: Context) -> None:
-    path = ctx.config.data_dir / "ports.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(ctx.ports, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    _update_ports(ctx.config.data_dir, ctx.ports)
+
+
+def forget_ports(ctx: Context) -> None:
+    _update_ports(ctx.config.data_dir, {}, remove=list(ctx.ports))
 
 
 async def run(ctx: Context, names: list[str], on_ready=None) -> int:
@@ -88,6 +111,8 @@ async def run(ctx: Context, names: list[str], on_ready=None) -> int:
         for service, result in zip(started, results):
             if isinstance(result, BaseException):  # keep stopping the others
                 log.error("error while stopping %s", service.name, exc_info=result)
+        if ctx.ports:
+            forget_ports(ctx)
         ctx.store.close()
     log.info("stopped")
     return 0

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import secrets
+import shutil
 import signal
 import smtplib
 import socket
 import sqlite3
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 import requests
@@ -272,3 +276,46 @@ def test_logs_never_contain_keys_or_passwords(tmp_path):
     }
     leaked = [what for what, value in secrets_used.items() if value in logs]
     assert not leaked, f"secrets in the server log: {leaked}"
+
+
+def test_services_sharing_one_data_dir_merge_ports_json(tmp_path):
+    """As the systemd instances do: five `serve <service>` processes on one data dir.  Each adds
+    its ports to ports.json and takes them out again when it stops."""
+    d = tmp_path / "d"
+    key = init_data_dir(d)
+    sockdir = Path(tempfile.mkdtemp(prefix="mp-life-"))
+    procs, listeners = {}, {}
+    try:
+        for name in SERVICE_PORTS:
+            listener = listeners[name] = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            listener.bind(str(sockdir / name))
+            listener.settimeout(60)
+            procs[name] = subprocess.Popen(
+                MAILPLAT + ["serve", "--data-dir", str(d), name], cwd=ROOT,
+                stdout=open(d / f"{name}.log", "wb"), stderr=subprocess.STDOUT,
+                env={**os.environ, "NOTIFY_SOCKET": str(sockdir / name)})
+        for name, listener in listeners.items():  # every process reports READY=1
+            assert listener.recv(100) == b"READY=1", (d / f"{name}.log").read_text()
+        ports = json.loads((d / "ports.json").read_text())
+        assert set(ports) <= set().union(*SERVICE_PORTS.values())
+        assert {"api", "smtp", "submission"} <= set(ports)
+        assert all(_accepts(p) for p in ports.values())
+        assert requests.get(f"http://127.0.0.1:{ports['api']}/v1/keys", auth=("api", key),
+                            timeout=30).status_code == 200
+        procs["api"].send_signal(signal.SIGTERM)
+        assert procs["api"].wait(30) == 0
+        left = json.loads((d / "ports.json").read_text())
+        assert "api" not in left and {k: ports[k] for k in left} == left and "smtp" in left
+        for name, proc in procs.items():
+            proc.send_signal(signal.SIGTERM)
+        for name, proc in procs.items():
+            assert proc.wait(30) == 0, (d / f"{name}.log").read_text()
+        assert not (d / "ports.json").exists()
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for listener in listeners.values():
+            listener.close()
+        shutil.rmtree(sockdir, ignore_errors=True)
