@@ -287,15 +287,18 @@ def test_auth_failures_escalate_then_421_and_valid_logins_still_work(hard):
             break
         assert code == 535 and lines[0].startswith(b"535 5.7.8"), lines
     assert refused is not None and refused[1][0].startswith(b"421 4.7.0"), timings
-    # The first failures are answered at once; later ones wait longer and longer.
-    assert timings[0] < 0.4 and timings[1] < 0.4
-    assert timings[refused[0] - 1] >= 1.5 > timings[3], timings
-    # The same account from another address still logs in with the right password, quickly.
+    # The first failures are answered at once; later ones wait longer and longer (the
+    # comparisons are relative: argon2 itself is slow on a loaded machine).
+    slowest = timings[refused[0] - 1]
+    assert slowest >= 1.9 and slowest - max(timings[0], timings[1]) >= 1.5, timings
+    assert timings[2] < timings[3] < timings[4], timings
+    # The same account from another address still logs in with the right password, without
+    # the escalated delay.
     c = _submission(hard, source="127.0.0.6")
     start = time.monotonic()
     code, lines = _auth_plain(c, login, PASSWORD)
     assert code == 235, lines
-    assert time.monotonic() - start < 1.5
+    assert time.monotonic() - start < slowest - 1.0
     assert c.cmd(f"MAIL FROM:<postmaster@{hard.domain}>")[0] == 250
     c.close()
     # The attacker's address stays refused, even with the right password.

@@ -9,6 +9,8 @@ that job (core), never while the client waits.
 """
 from __future__ import annotations
 
+import time
+
 from .. import errors, logs
 from . import syntax
 from .protocol import Session, reply_for
@@ -17,6 +19,33 @@ log = logs.get("mailplat.smtpd.mx")
 
 RELAY_DENIED = "554 5.7.1 Relay access denied"
 UNKNOWN_USER = "550 5.1.1 Recipient address rejected: user unknown"
+# Accepted recipients are remembered this long, so a burst of mail to one address costs one
+# store read.  Only acceptances are cached: a new mailbox is reachable at once, and a removed
+# one is refused again within the TTL (the inbound job copes with a recipient gone meanwhile).
+ACCEPT_TTL = 2.0
+_CACHE_MAX = 10_000
+
+
+class _AcceptedCache:
+    def __init__(self):
+        self.until: dict[str, float] = {}
+
+    def hit(self, address: str) -> bool:
+        until = self.until.get(address)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self.until[address]
+            return False
+        return True
+
+    def add(self, address: str) -> None:
+        if len(self.until) >= _CACHE_MAX:
+            self.until.clear()
+        self.until[address] = time.monotonic() + ACCEPT_TTL
+
+
+_accepted = _AcceptedCache()
 
 
 class MxSession(Session):
@@ -26,6 +55,9 @@ class MxSession(Session):
     async def on_rcpt(self, path: syntax.Path) -> str | None:
         if path.literal:
             return RELAY_DENIED
+        key = path.address.lower()
+        if _accepted.hit(key):
+            return None
         from ..core import receive
         try:
             await receive.check_recipient(self.shared.ctx, path.address)
@@ -35,6 +67,7 @@ class MxSession(Session):
             return RELAY_DENIED
         except Exception as exc:  # noqa: BLE001 - the one translator
             return reply_for(exc)
+        _accepted.add(key)
         return None
 
     async def on_data(self, raw: bytes) -> str:

@@ -41,10 +41,6 @@ _ids = itertools.count(1)
 _prefix = os.urandom(3).hex()
 
 
-class _NoHandler:
-    """aiosmtpd wants a handler object; every hook is a method of the session here."""
-
-
 def reply_for(exc: BaseException) -> str:
     """The SMTP reply for an error raised by core; anything unexpected is our bug: 451."""
     if isinstance(exc, errors.MailplatError):
@@ -92,10 +88,33 @@ class Session(SMTP):
 
     def __init__(self, shared: Shared, tls_context: ssl.SSLContext | None, implicit_tls: bool,
                  name: str | None = None):
-        super().__init__(_NoHandler(), data_size_limit=shared.max_size, enable_SMTPUTF8=True,
-                         hostname=shared.hostname, ident="ESMTP mailplat",
-                         tls_context=None if implicit_tls else tls_context,
-                         timeout=shared.timeout, auth_require_tls=True)
+        # SMTP.__init__ introspects the class and handler on every connection (inspect.getmembers)
+        # to build tables this class does not use; set up only what the inherited connection
+        # plumbing (connection_made/lost, timeouts, STARTTLS transport swap) reads.
+        loop = asyncio.get_event_loop()
+        self.loop = loop
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(limit=STREAM_LIMIT, loop=loop),
+            client_connected_cb=self._cb_client_connected, loop=loop)
+        self.__ident__ = "ESMTP mailplat"
+        self.event_handler = None
+        self.hostname = shared.hostname
+        self.tls_context = None if implicit_tls else tls_context
+        self.require_starttls = False
+        self.data_size_limit = shared.max_size
+        self.enable_SMTPUTF8 = True
+        self._decode_data = False
+        self._timeout_duration = shared.timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._handle_hooks = {}
+        self._auth_require_tls = True
         self.shared = shared
         if name:
             self.kind = name
@@ -111,13 +130,6 @@ class Session(SMTP):
         self.auth_domain: str | None = None
         self.mail: syntax.Path | None = None
         self.rcpts: list[syntax.Path] = []
-        self._dispatch = {
-            "EHLO": self.cmd_EHLO, "HELO": self.cmd_HELO, "MAIL": self.cmd_MAIL,
-            "RCPT": self.cmd_RCPT, "DATA": self.cmd_DATA, "RSET": self.cmd_RSET,
-            "NOOP": self.cmd_NOOP, "QUIT": self.cmd_QUIT, "STARTTLS": self.cmd_STARTTLS,
-            "AUTH": self.cmd_AUTH, "VRFY": self.cmd_VRFY, "EXPN": self.cmd_EXPN,
-            "HELP": self.cmd_HELP,
-        }
 
     # -- policy hooks (subclasses) --------------------------------------------------------
     async def on_mail(self, path: syntax.Path) -> str | None:
@@ -262,12 +274,12 @@ class Session(SMTP):
         except UnicodeDecodeError:
             await self.push("500 5.5.2 Invalid characters in command")
             return
-        method = self._dispatch.get(verb)
+        method = _COMMANDS.get(verb)
         if method is None:
             await self.push("500 5.5.2 Command not recognized")
             return
         try:
-            await method(arg)
+            await method(self, arg)
         except (_Closed, ConnectionError, asyncio.CancelledError):
             raise
         except Exception as exc:  # noqa: BLE001 - translate, never a 5xx for our own bug
@@ -623,3 +635,6 @@ class Session(SMTP):
                                                           "bytes": len(buf) + dropped}})
             return b"", problem
         return bytes(buf).replace(b"\r\n.", b"\r\n")[2:], None
+
+
+_COMMANDS = {name[4:]: fn for name, fn in vars(Session).items() if name.startswith("cmd_")}
