@@ -188,23 +188,29 @@ def _check_recipient_count(recipients: list[str]) -> None:
         raise InputError(f"Too many recipients: at most {MAX_RECIPIENTS} are allowed per message")
 
 
-def _lookup(domain: str, recipients: list[str]):
-    row = Domain.get_or_none(Domain.name == domain)
+def _check_domain(domain: str) -> None:
+    row = (Domain.select(Domain.is_disabled, Domain.state).where(Domain.name == domain).tuples().first())
     if row is None:
-        return None, set()
-    return row, suppressions.bounced_sync(domain, recipients)
+        raise NotFound("Domain not found")
+    if row[0] or row[1] == "disabled":
+        raise ForbiddenError("Domain is disabled")
 
 
 def _store(domain: str, source: str, prep: _Prepared, sha: str, options: dict, tags: list,
-           campaigns: list, user_variables: dict, recipient_variables: dict, suppressed: set,
+           campaigns: list, user_variables: dict, recipient_variables: dict,
            next_attempt_at: float, now: float) -> Message:
+    """The one transaction of a send (runs in the store's writer): domain and bounce checks,
+    body, message, queue rows, events.  Raising here rolls all of it back."""
+    _check_domain(domain)
+    suppressed = suppressions.bounced_sync(domain, prep.recipients)
     blobs.put_sync(prep.raw, sha)
-    message = Message.create(
+    fields = dict(
         message_id=prep.message_id, domain=domain, source=source, sender=prep.sender,
         from_header=prep.from_header[:10000], subject=prep.subject[:10000], blob=sha,
         size=len(prep.raw), headers=prep.headers, attachments=prep.attachments, tags=tags,
         campaigns=campaigns, user_variables=user_variables, recipient_variables=recipient_variables,
         options=options, created_at=now)
+    message = Message(id=Message.insert(**fields).execute(), **fields)
     rows = []
     for rcpt in prep.recipients:
         events.record_sync(domain, events.build("accepted", message, rcpt, timestamp=now))
@@ -236,11 +242,6 @@ async def submit(ctx, req: SendRequest, principal=None) -> SendResult:
     else:
         prep = _prepare(req, domain, now, max_bytes)
         sha = hashlib.sha256(prep.raw).hexdigest()
-    row, suppressed = await ctx.store.read(_lookup, domain, prep.recipients)
-    if row is None:
-        raise NotFound("Domain not found")
-    if row.is_disabled or row.state == "disabled":
-        raise ForbiddenError("Domain is disabled")
     opts = req.options
     if opts.drop_message:
         opts.testmode = True
@@ -253,7 +254,7 @@ async def submit(ctx, req: SendRequest, principal=None) -> SendResult:
         recipient_variables = {r: lower.get(r.lower(), {}) for r in prep.recipients}
     await ctx.store.write(_store, domain, req.source, prep, sha, opts.as_stored(), list(opts.tags),
                           list(opts.campaigns), dict(req.user_variables), recipient_variables,
-                          suppressed, next_attempt_at, now)
+                          next_attempt_at, now)
     return SendResult(message_id=prep.message_id)
 
 
