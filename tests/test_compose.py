@@ -196,3 +196,18 @@ def test_compose_non_ascii_and_long_lines_round_trip():
     assert msg.get_body(("plain",)).get_content().replace("\r\n", "\n") == "Grüße\n" + long_line
     att = next(msg.iter_attachments())
     assert att.get_filename() == "répört.txt" and att.get_payload(decode=True) == "ünïcode".encode()
+
+
+def test_render_non_ascii_values_and_encoded_subject():
+    raw = compose.compose(
+        from_="s@ex.test", to=compose.parse_addresses(["z@x.test"], "to"), cc=[],
+        subject="Grüße %recipient.name%", text="Hallo %recipient.name%\n" + "lang " * 300,
+        html=None, amp_html=None, attachments=[], inline=[], headers=[], message_id="n1@ex.test",
+        date=time.time())
+    assert b"%recipient.name%" not in raw.split(b"\r\n\r\n")[0]  # hidden inside an encoded word
+    out = render.for_recipient(Message(recipient_variables={"z@x.test": {"name": "Zoë"}}), raw, "z@x.test")
+    assert out.isascii()
+    msg = email.message_from_bytes(out, policy=policy.default)
+    assert msg["Subject"] == "Grüße Zoë" and msg["To"] == "z@x.test"
+    assert msg.get_content().replace("\r\n", "\n") == "Hallo Zoë\n" + "lang " * 300 + "\n"
+    assert msg["Date"].endswith("+0000")

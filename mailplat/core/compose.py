@@ -10,6 +10,7 @@ Used by core.send.submit(); nothing here touches the store.
 from __future__ import annotations
 
 import base64
+import datetime
 import binascii
 import email.header
 import email.utils
@@ -152,6 +153,11 @@ def new_message_id(domain: str, now: float | None = None) -> str:
     return f"{stamp}.{secrets.token_hex(8)}@{domain}"
 
 
+def rfc5322_date(ts: float) -> str:
+    """'Thu, 26 Nov 2026 01:14:19 +0000' (UTC, explicit offset)."""
+    return email.utils.format_datetime(datetime.datetime.fromtimestamp(ts, datetime.timezone.utc))
+
+
 def strip_brackets(message_id: str) -> str:
     return message_id.strip().strip("<>").strip()
 
@@ -261,7 +267,7 @@ def compose(*, from_: str, to: list[Addr], cc: list[Addr], subject: str | None, 
         head.append(_header("Subject", subject))
     extra = {name.lower() for name, _ in headers}
     if "date" not in extra:
-        head.append(_header("Date", email.utils.formatdate(date, localtime=False, usegmt=False)))
+        head.append(_header("Date", rfc5322_date(date)))
     if "message-id" not in extra:
         head.append(_header("Message-Id", f"<{message_id}>"))
     for name, value in headers:
@@ -315,6 +321,6 @@ def complete_mime(raw: bytes, domain: str, now: float) -> tuple[bytes, str, obje
         mid = new_message_id(domain, now)
         prefix += b"Message-Id: <" + mid.encode() + b">" + nl
     if headers.get("Date") is None:
-        prefix += b"Date: " + email.utils.formatdate(now).encode() + nl
+        prefix += b"Date: " + rfc5322_date(now).encode() + nl
     return prefix + raw, mid, headers
 

@@ -119,7 +119,7 @@ def _prepare(req: SendRequest, domain: str, now: float, max_bytes: int) -> _Prep
                           inline=req.inline, headers=headers, message_id=message_id, date=now)
     if len(raw) > max_bytes:
         raise TooLarge("Message size exceeds the 25 MB limit")
-    sender = req.sender or from_addrs[0].address
+    sender = req.sender if req.sender is not None else from_addrs[0].address
     to_header = ", ".join(a.formatted() for a in to)
     attachments = [{"filename": a.filename, "content-type": "/".join(compose.guess_type(a.filename, a.content_type)),
                     "size": len(a.data)} for a in req.attachments]
@@ -148,8 +148,8 @@ def _prepare_mime(req: SendRequest, domain: str, now: float, max_bytes: int) -> 
         raise InputError("to parameter is missing")
     recipients = compose.unique_recipients(compose.parse_addresses(rcpts, "to"))
     _check_recipient_count(recipients)
-    if req.sender:
-        sender = req.sender
+    if req.sender is not None:
+        sender = req.sender  # "" is the null reverse-path (bounces) and stays so
     else:
         try:
             addrs = compose.parse_addresses([from_text], "from") if from_text else []
