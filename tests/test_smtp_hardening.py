@@ -361,3 +361,13 @@ def _refused(port: int) -> bool:
         return False
     except OSError:
         return True
+
+
+def test_unanswered_auth_challenge_times_out(hard):
+    c = _submission(hard, source="127.0.0.8")
+    assert c.cmd("AUTH LOGIN")[0] == 334
+    c.sock.settimeout(10)
+    code, lines = c.reply()  # no answer sent: the command deadline (1.5 s here) applies
+    assert code == 421 and lines[0].startswith(b"421 4.4.2"), lines
+    assert c.closed()
+    c.close()

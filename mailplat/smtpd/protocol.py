@@ -426,7 +426,9 @@ class Session(SMTP):
     async def _challenge(self, prompt: bytes) -> bytes | None:
         """Send a 334 challenge and return the decoded answer, or None (reply already sent)."""
         await self.push(b"334 " + b64encode(prompt))
+        self._reset_timeout()  # the answer is due within the command deadline too
         line = await self._read_line(COMMAND_LIMITS["AUTH"])
+        self._timeout_handle.cancel()
         return await self._decode_auth(line)
 
     async def _decode_auth(self, data) -> bytes | None:
@@ -571,6 +573,7 @@ class Session(SMTP):
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             raw, problem = await self._read_data()
+            self._timeout_handle.cancel()  # committing is our time, not the client's
             if problem:
                 reply = problem
             else:
