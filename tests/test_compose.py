@@ -211,3 +211,11 @@ def test_render_non_ascii_values_and_encoded_subject():
     assert msg["Subject"] == "Grüße Zoë" and msg["To"] == "z@x.test"
     assert msg.get_content().replace("\r\n", "\n") == "Hallo Zoë\n" + "lang " * 300 + "\n"
     assert msg["Date"].endswith("+0000")
+
+
+@pytest.mark.parametrize("given, expected", [
+    (None, "image/png"), ("", "image/png"), ("image/gif", "image/gif"), ("IMAGE/GIF; x=1", "image/gif"),
+    ('text/plain"; evil="', "image/png"), ("nonsense", "image/png"), ("multipart/../x", "image/png")])
+def test_part_content_type_is_taken_only_when_well_formed(given, expected):
+    assert "/".join(compose.guess_type("logo.png", given)) == expected
+    assert "/".join(compose.guess_type("no-extension", None)) == "application/octet-stream"

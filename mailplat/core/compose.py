@@ -26,6 +26,7 @@ from ..errors import InputError
 
 SMTP_POLICY = policy.SMTP.clone(max_line_length=998, refold_source="none")
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_MIME_TYPE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,127}$")
 _HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # printable ASCII except ':'
 # Headers the composer owns; h:<name> may not replace them.
 RESERVED_HEADERS = {"content-type", "content-transfer-encoding", "mime-version", "from", "to",
@@ -165,9 +166,12 @@ def strip_brackets(message_id: str) -> str:
 # -- composing from fields ---------------------------------------------------------------------------
 def guess_type(filename: str, given: str | None) -> tuple[str, str]:
     ctype = (given or "").split(";")[0].strip().lower()
-    if not ctype or "/" not in ctype:
+    if not _MIME_TYPE.match(ctype):
         ctype = mimetypes.guess_type(filename or "")[0] or "application/octet-stream"
     maintype, _, subtype = ctype.partition("/")
+    if maintype in ("multipart", "message"):
+        # Files travel base64-encoded, which these types may not be (RFC 2046).
+        return "application", "octet-stream"
     return maintype, subtype
 
 
