@@ -215,7 +215,8 @@ def test_render_non_ascii_values_and_encoded_subject():
 
 @pytest.mark.parametrize("given, expected", [
     (None, "image/png"), ("", "image/png"), ("image/gif", "image/gif"), ("IMAGE/GIF; x=1", "image/gif"),
-    ('text/plain"; evil="', "image/png"), ("nonsense", "image/png"), ("multipart/../x", "image/png")])
+    ('text/plain"; evil="', "image/png"), ("nonsense", "image/png"), ("multipart/../x", "image/png"),
+    ("multipart/mixed", "application/octet-stream"), ("message/rfc822", "application/octet-stream")])
 def test_part_content_type_is_taken_only_when_well_formed(given, expected):
     assert "/".join(compose.guess_type("logo.png", given)) == expected
     assert "/".join(compose.guess_type("no-extension", None)) == "application/octet-stream"
