@@ -108,4 +108,7 @@ import sqlite3
 print(sqlite3.connect("$MP_DIR/mailplat.db").execute("select count(*) from inbound_job").fetchone()[0])
 PYEOF
 )
-echo "mailplat committed inbound jobs: $jobs"
+echo "mailplat committed inbound jobs: $jobs (expected $((200 + N * $(echo $SIZES | wc -w) * $(echo $SESSIONS | wc -w))))"
+if [ -z "${SKIP_POSTFIX:-}" ]; then
+    echo "postfix maildir files so far: $(find "$PF_DIR/mail" -type f | wc -l)"
+fi

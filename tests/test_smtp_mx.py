@@ -199,3 +199,16 @@ def test_sequence_errors(server, dom):
     assert c.docmd("RSET")[0] == 250
     assert c.docmd("VRFY bob")[0] == 252
     c.quit()
+
+
+def test_unicode_look_alike_domain_is_relay_denied(server, dom):
+    look_alike = dom.replace("e", "\u0435", 1)  # Cyrillic "е" for the first Latin "e"
+    assert look_alike != dom
+    c = client(server)
+    c.command_encoding = "utf-8"
+    assert c.docmd("MAIL FROM:<a@remote.test> SMTPUTF8")[0] == 250
+    code, msg = c.docmd(f"RCPT TO:<bob@{look_alike}>")
+    assert (code, msg[:5]) == (554, b"5.7.1"), msg
+    code, msg = c.docmd(f"RCPT TO:<bob@{dom}.>")  # trailing dot: not a valid path
+    assert (code, msg[:5]) == (501, b"5.1.3"), msg
+    c.quit()
