@@ -454,3 +454,19 @@ def test_send_test_cli_goes_through_the_api(server, store, domain):
     assert bad.returncode == 1 and "Domain not found" in bad.stderr
     bad = server.cli("send-test", "--from", f"ops@{domain}", "--to", "not-an-address", check=False)
     assert bad.returncode == 1 and "400" in bad.stderr and "not a valid address" in bad.stderr
+
+
+def test_mime_attachment_summary_in_events(server, store, domain):
+    from email.message import EmailMessage
+    m = EmailMessage()
+    m["From"], m["To"], m["Subject"] = f"m@{domain}", "a@x.test", "with file"
+    m.set_content("see attached")
+    m.add_attachment(b"%PDF-1.4 fake", maintype="application", subtype="pdf", filename="invoice.pdf")
+    raw = m.as_bytes()
+    r = server.api("POST", MIME.format(domain), data={"to": "a@x.test"}, files={"message": ("message", raw)})
+    assert r.status_code == 200, r.text
+    row = store.message(r.json()["id"])
+    assert store.blob(row["blob"]).endswith(raw)
+    assert row["attachments"] == [{"filename": "invoice.pdf", "content-type": "application/pdf", "size": 13}]
+    ev = store.events(r.json()["id"])[0]["data"]
+    assert ev["message"]["attachments"] == row["attachments"]

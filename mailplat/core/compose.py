@@ -311,6 +311,11 @@ def decoded(msg, name: str) -> str:
         return str(value).strip()
 
 
+def decoded_filename(part) -> str:
+    name = part.get_filename() or ""
+    return str(email.header.make_header(email.header.decode_header(name))) if "=?" in name else name
+
+
 def complete_mime(raw: bytes, domain: str, now: float) -> tuple[bytes, str, object]:
     """Add Message-Id and Date when missing; everything else stays byte for byte.
 

@@ -2,8 +2,9 @@
 
 Owns the meaning and limits of every per-message option (tags, campaigns, scheduled delivery,
 test mode, DKIM, tracking, TLS policy) and of custom data (user-variables).  The API view hands
-its o:*/v: fields to `from_api`; SMTP submission hands the raw message to `from_headers`, which
-reads and strips the X-Mailgun-* headers byte for byte.  Both give an `Options` that
+each o:* / h:X-Mailgun-* field to `apply` and each v: field to `merge_variables`; SMTP
+submission (and messages.mime) hands the raw message to `from_headers`, which reads and strips
+the X-Mailgun-* headers byte for byte.  Both give an `Options` that
 core.send.submit() stores in Message.options for the relay to act on.
 """
 from __future__ import annotations

@@ -163,18 +163,22 @@ def _prepare_mime(req: SendRequest, domain: str, now: float, max_bytes: int) -> 
 
 
 def _mime_attachments(raw: bytes) -> list[dict]:
-    """Attachment summaries for events (only when the message says it is multipart)."""
+    """Attachment summaries for events (only when the message says it is multipart).
+
+    compat32 parsing: header values stay raw strings, which keeps this cheap on the SMTP path."""
     head = raw[:8192].lower()
     if b"multipart/" not in head:
         return []
     import email
     from email import policy
     try:
-        msg = email.message_from_bytes(raw, policy=policy.default)
+        msg = email.message_from_bytes(raw, policy=policy.compat32)
         out = []
-        for part in msg.iter_attachments() if msg.is_multipart() else []:
+        for part in msg.walk():
+            if part.is_multipart() or part.get_content_disposition() != "attachment":
+                continue
             payload = part.get_payload(decode=True) or b""
-            out.append({"filename": part.get_filename() or "", "content-type": part.get_content_type(),
+            out.append({"filename": compose.decoded_filename(part), "content-type": part.get_content_type(),
                         "size": len(payload)})
         return out
     except Exception:  # noqa: BLE001 - a summary only; the message itself is kept as given
