@@ -5,7 +5,8 @@
 # Every mailplat 250 follows the store commit; Postfix's follows its queue-file fsync.
 #
 # Usage: bench/smtp_accept.sh [messages-per-run]      (needs: apt-get install postfix)
-# Env: SIZES="1024 10240 102400" SESSIONS="10 50" SKIP_POSTFIX=1 MAILPLAT_SERVICES="smtpd"
+# Env: SIZES="1024 10240 102400" SESSIONS="10 50" SKIP_POSTFIX=1 MAILPLAT_SERVICES="api smtpd"
+#      SPLIT=1 KEEP=1 (keep the work directory and processes for inspection)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -21,6 +22,7 @@ command -v smtp-source >/dev/null || { echo "smtp-source missing: apt-get instal
 
 cleanup() {
     [ -n "${MP_PID:-}" ] && kill "$MP_PID" 2>/dev/null && wait "$MP_PID" 2>/dev/null || true
+    [ -n "${MP2_PID:-}" ] && kill "$MP2_PID" 2>/dev/null && wait "$MP2_PID" 2>/dev/null || true
     [ -f "$PF_DIR/etc/main.cf" ] && postfix -c "$PF_DIR/etc" stop >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }
@@ -32,13 +34,24 @@ KEY=$("$PY" -m mailplat.cli init --data-dir "$MP_DIR" --hostname bench.localhost
       --api-port 0 --smtp-port 0 --submission-port 0 --submissions-port 0 --imap-port 0 \
       --imaps-port 0 --pop3-port 0 --pop3s-port 0 --set log.level=WARNING \
       --set smtp.max_connections_per_ip=1000 | sed -n 's/^primary API key: \(key-[^ ]*\).*/\1/p')
+# MAILPLAT_SERVICES="api smtpd" measures acceptance alone; SPLIT=1 runs api+smtpd in one
+# process and the rest (mailaccess files inbound mail into mailboxes) in a second one, as
+# separate systemd units would; the default is one `mailplat serve` with every service.
+SERVICES=${MAILPLAT_SERVICES:-}
+[ -n "${SPLIT:-}" ] && SERVICES="api smtpd"
 # shellcheck disable=SC2086
-"$PY" -m mailplat.cli serve --data-dir "$MP_DIR" ${MAILPLAT_SERVICES:-} >"$WORK/mailplat.log" 2>&1 &
+"$PY" -m mailplat.cli serve --data-dir "$MP_DIR" $SERVICES >"$WORK/mailplat.log" 2>&1 &
 MP_PID=$!
 for _ in $(seq 1 300); do [ -s "$MP_DIR/ports.json" ] && break; sleep 0.1; done
 port() { "$PY" -c "import json,sys; print(json.load(open('$MP_DIR/ports.json'))['$1'])"; }
 MP_PORT=$(port smtp)
 API="http://127.0.0.1:$(port api)"
+if [ -n "${SPLIT:-}" ]; then
+    rm -f "$MP_DIR/ports.json"
+    "$PY" -m mailplat.cli serve --data-dir "$MP_DIR" relay mailaccess hooks >"$WORK/mailplat2.log" 2>&1 &
+    MP2_PID=$!
+    for _ in $(seq 1 300); do [ -s "$MP_DIR/ports.json" ] && break; sleep 0.1; done
+fi
 curl -sf -u "api:$KEY" "$API/v3/domains" -d name=bench.test >/dev/null
 curl -sf -u "api:$KEY" "$API/v3/bench.test/mailboxes" -d mailbox=sink -d password=sink-pass-1 >/dev/null
 
@@ -81,8 +94,11 @@ fi
 run() {  # target port size sessions -> msgs/s
     local port=$1 size=$2 sess=$3 start end
     start=$(date +%s.%N)
-    smtp-source -s "$sess" -m "$N" -l "$size" -f bench@sender.test -t sink@bench.test \
-        "127.0.0.1:$port" >/dev/null
+    if ! smtp-source -s "$sess" -m "$N" -l "$size" -f bench@sender.test -t sink@bench.test \
+        "127.0.0.1:$port" >/dev/null 2>"$WORK/smtp-source.err"; then
+        echo "FAILED($(head -c 60 "$WORK/smtp-source.err" | tr '\n' ' '))"
+        return
+    fi
     end=$(date +%s.%N)
     "$PY" -c "print(f'{$N / ($end - $start):.0f}')"
 }
@@ -98,14 +114,17 @@ for size in $SIZES; do
         pf=-; ratio=-
         if [ -z "${SKIP_POSTFIX:-}" ]; then
             pf=$(run "$PF_PORT" "$size" "$sess")
-            ratio=$("$PY" -c "print(f'{$mp / $pf:.2f}x')")
+            ratio=$("$PY" -c "print(f'{$mp / $pf:.2f}x')" 2>/dev/null || echo -)
         fi
         printf "%-8s %-9s %14s %14s %8s\n" "$size" "$sess" "$mp" "$pf" "$ratio"
     done
 done
 jobs=$("$PY" - <<PYEOF
 import sqlite3
-print(sqlite3.connect("$MP_DIR/mailplat.db").execute("select count(*) from inbound_job").fetchone()[0])
+db = sqlite3.connect("$MP_DIR/mailplat.db")
+n = db.execute("select count(*) from inbound_job").fetchone()[0]
+done = db.execute("select count(*) from inbound_job where state = 'done'").fetchone()[0]
+print(f"{n} ({done} already filed into the mailbox)")
 PYEOF
 )
 echo "mailplat committed inbound jobs: $jobs (expected $((200 + N * $(echo $SIZES | wc -w) * $(echo $SESSIONS | wc -w))))"
