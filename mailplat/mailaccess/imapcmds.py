@@ -15,6 +15,7 @@ import email.header
 import email.utils
 import re
 import time
+from collections import OrderedDict
 
 from ..core import mailboxes
 from ..errors import Conflict, InputError, NotFound
@@ -24,6 +25,7 @@ from .imapparse import (Atom, Literal, ParseError, SeqSet, astring, fetch_items,
 
 SENT = object()  # the handler has already sent the tagged response
 CHUNK = 200
+META_CHUNK = 5000  # FETCH without bodies: rows per store read
 SYSTEM_FLAGS = b"\\Answered \\Flagged \\Deleted \\Seen \\Draft"
 
 
@@ -123,6 +125,31 @@ def _match(pattern: str, name: str) -> bool:
 
 
 # -- rendering (pure: runs in a worker thread) ------------------------------------------------
+# Structure answers per body (blobs are immutable, so by SHA-256): repeat FETCHes of ENVELOPE
+# and BODYSTRUCTURE need neither the body nor a MIME parse.
+_STRUCT_CACHE: "OrderedDict[tuple[str, str], bytes]" = OrderedDict()
+_STRUCT_MAX = 20_000
+_STRUCT_ITEMS = {"ENVELOPE", "BODYSTRUCTURE", "BODY"}
+
+
+def _structure(row, root, name: str, build) -> bytes:
+    key = (row.blob, name)
+    hit = _STRUCT_CACHE.get(key)
+    if hit is None:
+        hit = mime.encode(build(root))
+        _STRUCT_CACHE[key] = hit
+        if len(_STRUCT_CACHE) > _STRUCT_MAX:
+            _STRUCT_CACHE.popitem(last=False)
+    return hit
+
+
+def structure_cached(items, rows) -> bool:
+    """True when this FETCH needs a body only for cached structure items."""
+    if items.sections or any(n in ("RFC822", "RFC822.HEADER", "RFC822.TEXT") for n in items.names):
+        return False
+    return all((r.blob, n) in _STRUCT_CACHE for r in rows for n in items.names if n in _STRUCT_ITEMS)
+
+
 def render_fetch(seq: int, row, data: bytes | None, items, uid_cmd: bool, with_modseq: bool) -> bytes:
     parts = []
     root = mime.parse(data) if data is not None and items.needs_body else None
@@ -141,11 +168,11 @@ def render_fetch(seq: int, row, data: bytes | None, items, uid_cmd: bool, with_m
         elif n == "MODSEQ":
             pass
         elif n == "ENVELOPE":
-            parts.append(b"ENVELOPE " + mime.encode(mime.envelope(root)))
+            parts.append(b"ENVELOPE " + _structure(row, root, n, mime.envelope))
         elif n == "BODYSTRUCTURE":
-            parts.append(b"BODYSTRUCTURE " + mime.encode(mime.bodystructure(root, True)))
+            parts.append(b"BODYSTRUCTURE " + _structure(row, root, n, lambda r: mime.bodystructure(r, True)))
         elif n == "BODY":
-            parts.append(b"BODY " + mime.encode(mime.bodystructure(root, False)))
+            parts.append(b"BODY " + _structure(row, root, n, lambda r: mime.bodystructure(r, False)))
         elif n == "RFC822":
             parts.append(b"RFC822 " + _lit(data))
         elif n == "RFC822.HEADER":
@@ -505,8 +532,9 @@ class Commands:
         set_seen = not sel.readonly and (any(not s.peek for s in items.sections)
                                           or any(n in ("RFC822", "RFC822.TEXT") for n in items.names))
         with_modseq = "CONDSTORE" in self.enabled and (changedsince is not None or "MODSEQ" in items.names)
-        for i in range(0, len(targets), CHUNK):
-            chunk = targets[i:i + CHUNK]
+        step = CHUNK if items.needs_body else META_CHUNK
+        for i in range(0, len(targets), step):
+            chunk = targets[i:i + step]
             uids = [u for _, u in chunk]
             if set_seen:
                 rows, changed, _ = await self.ctx.store.write(
@@ -522,7 +550,7 @@ class Commands:
                 rows = [r for r in rows if r.modseq > changedsince]
             by_uid = {r.uid: r for r in rows}
             blobs = None
-            if items.needs_body and rows:
+            if items.needs_body and rows and not structure_cached(items, rows):
                 blobs = await self.ctx.store.read(mailboxes.blob_bytes_sync, list({r.blob for r in rows}))
             work = [(seq, by_uid[u]) for seq, u in chunk if u in by_uid]
             if not work:
