@@ -36,6 +36,7 @@ BODY_LINE_LIMIT = 1_048_576  # real mail exceeds 1,000 octets; this still bounds
 READ_CHUNK = 65536
 STREAM_LIMIT = 65536
 MAX_CONNECTIONS = 2000
+RCPT_OVERSHOOT = 1000  # 452s past the recipient limit that do not count as errors
 TEMP_FAIL = "451 4.3.0 Temporary server error, try again later"
 _ids = itertools.count(1)
 _prefix = os.urandom(3).hex()
@@ -125,6 +126,7 @@ class Session(SMTP):
         self.refused = False
         self.in_data = False
         self.errors = 0
+        self.overshoot = 0
         self.helo: str | None = None
         self.auth_login: str | None = None
         self.auth_domain: str | None = None
@@ -533,6 +535,10 @@ class Session(SMTP):
             return
         if len(self.rcpts) >= self.shared.max_rcpt:
             await self.push("452 4.5.3 Too many recipients")
+            # Like Postfix's recipient overshoot: a big list is not an error to hang up on.
+            self.overshoot += 1
+            if self.overshoot <= RCPT_OVERSHOOT:
+                self.errors -= 1
             return
         postmaster = arg[3:].strip(" ").lower() if arg[:3].upper() == "TO:" else ""
         if postmaster == "<postmaster>" or postmaster.startswith("<postmaster> "):
