@@ -202,10 +202,14 @@ def _check_domain(domain: str) -> None:
 
 def _store(domain: str, source: str, prep: _Prepared, sha: str, options: dict, tags: list,
            campaigns: list, user_variables: dict, recipient_variables: dict,
-           next_attempt_at: float, now: float) -> Message:
+           next_attempt_at: float, now: float, clock) -> Message:
     """The one transaction of a send (runs in the store's writer): domain and bounce checks,
-    body, message, queue rows, events.  Raising here rolls all of it back."""
+    body, message, queue rows, events.  Raising here rolls all of it back.
+
+    Events are stamped here, at commit time rather than at request time, so their timestamps
+    follow commit order closely (the events API's ascending walks rely on that)."""
     _check_domain(domain)
+    stamp = max(clock(), now)
     suppressed = suppressions.bounced_sync(domain, prep.recipients)
     blobs.put_sync(prep.raw, sha)
     fields = dict(
@@ -217,9 +221,9 @@ def _store(domain: str, source: str, prep: _Prepared, sha: str, options: dict, t
     message = Message(id=Message.insert(**fields).execute(), **fields)
     rows = []
     for rcpt in prep.recipients:
-        events.record_sync(domain, events.build("accepted", message, rcpt, timestamp=now))
+        events.record_sync(domain, events.build("accepted", message, rcpt, timestamp=stamp))
         if rcpt.lower() in suppressed:
-            events.record_sync(domain, suppressions.failed_event(message, rcpt, now))
+            events.record_sync(domain, suppressions.failed_event(message, rcpt, stamp))
             continue
         rows.append({"message": message.id, "recipient": rcpt, "rcpt_domain": rcpt.rsplit("@", 1)[1].lower(),
                      "state": "queued", "attempts": 0, "next_attempt_at": next_attempt_at,
@@ -258,7 +262,7 @@ async def submit(ctx, req: SendRequest, principal=None) -> SendResult:
         recipient_variables = {r: lower.get(r.lower(), {}) for r in prep.recipients}
     await ctx.store.write(_store, domain, req.source, prep, sha, opts.as_stored(), list(opts.tags),
                           list(opts.campaigns), dict(req.user_variables), recipient_variables,
-                          next_attempt_at, now)
+                          next_attempt_at, now, ctx.clock)
     return SendResult(message_id=prep.message_id)
 
 

@@ -27,9 +27,10 @@ from ..middleware import json_response
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 300
-# Ascending walks stop this many seconds before "now": an event stamped just before a
-# concurrent commit could otherwise land behind a poller's cursor and never be seen.
-SETTLE_SECONDS = 1.0
+# Ascending walks stop this many seconds before "now": an event is stamped inside its
+# transaction, a moment before the commit that makes it visible; without this margin it could
+# land behind a poller's cursor and never be seen.
+SETTLE_SECONDS = 2.0
 MAX_SCAN = 20_000  # rows examined per page when Python-side filters (from, tags) reject many
 _OR = re.compile(r"\s+OR\s+", re.IGNORECASE)
 _AND = re.compile(r"\s+AND\s+", re.IGNORECASE)
