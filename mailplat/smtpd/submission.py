@@ -8,9 +8,11 @@ i.e. after the message and its queue rows are committed.
 """
 from __future__ import annotations
 
-from email.parser import BytesHeaderParser
+from email.parser import HeaderParser
 from email.policy import compat32
 from email.utils import getaddresses
+
+import idna
 
 from .. import logs
 from . import syntax
@@ -19,7 +21,7 @@ from .protocol import Session
 log = logs.get("mailplat.smtpd.submission")
 
 NOT_OWNED = "550 5.7.1 Sender address not owned by the authenticated user"
-_headers = BytesHeaderParser(policy=compat32)
+_headers = HeaderParser(policy=compat32)
 
 
 def _header_block(raw: bytes) -> bytes:
@@ -29,11 +31,17 @@ def _header_block(raw: bytes) -> bytes:
 
 def from_domains(raw: bytes) -> list[str]:
     """Domains of the addresses in the From: header(s) of a message."""
-    msg = _headers.parsebytes(_header_block(raw))
+    msg = _headers.parsestr(_header_block(raw).decode("utf-8", "replace"))
     values = [str(v) for v in msg.get_all("From", [])]
     domains = []
     for _name, addr in getaddresses(values):
-        domains.append(addr.rpartition("@")[2].strip().lower() if "@" in addr else "")
+        domain = addr.rpartition("@")[2].strip().lower() if "@" in addr else ""
+        if not domain.isascii():
+            try:
+                domain = idna.encode(domain, uts46=True).decode("ascii")
+            except idna.IDNAError:
+                domain = ""
+        domains.append(domain)
     return domains
 
 
