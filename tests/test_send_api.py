@@ -477,3 +477,24 @@ def test_mime_attachment_summary_in_events(server, store, domain):
     assert row["attachments"] == [{"filename": "invoice.pdf", "content-type": "application/pdf", "size": 13}]
     ev = store.events(r.json()["id"])[0]["data"]
     assert ev["message"]["attachments"] == row["attachments"]
+
+
+def test_concurrent_sends_are_each_committed_once(server, store, domain):
+    """Many clients at once (the store's group commit path): every 200 is a committed message
+    with its queue row and accepted event, and ids never repeat."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i):
+        return send(server, domain, data={**BASE, "to": f"c{i}@x.test", "v:i": str(i)})
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        replies = list(pool.map(one, range(80)))
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200]
+    ids = [r.json()["id"].strip("<>") for r in replies]
+    assert len(set(ids)) == 80
+    marks = ",".join("?" * len(ids))
+    rows = store.rows(f"SELECT m.message_id, q.recipient FROM message m JOIN queue_item q ON q.message_id = m.id "
+                      f"WHERE m.message_id IN ({marks})", *ids)
+    assert sorted(r["recipient"] for r in rows) == sorted(f"c{i}@x.test" for i in range(80))
+    evs = store.rows(f"SELECT recipient FROM event WHERE event = 'accepted' AND message_id IN ({marks})", *ids)
+    assert len(evs) == 80
