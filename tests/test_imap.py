@@ -267,8 +267,9 @@ def test_idle_push_of_smtp_delivery(server, addr):
     elapsed = time.monotonic() - sent
     assert line == b"* 1 EXISTS\r\n"
     assert elapsed < 3.0, f"IDLE push took {elapsed:.2f}s (total {time.monotonic() - start:.2f}s)"
-    raw.send(b"DONE\r\n")
+    raw.send(b"DONE\r\nd NOOP\r\n")  # a command pipelined right after DONE is not lost
     assert raw.until(b"c")[-1].startswith(b"c OK")
+    assert raw.until(b"d")[-1].startswith(b"d OK")
     raw.close()
 
 

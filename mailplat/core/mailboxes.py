@@ -278,6 +278,13 @@ def _login_source(login: str):
 auth.register_login_source(_login_source)
 
 
+def login_row_sync(address: str) -> tuple[str, int] | None:
+    """(password hash, mailbox id) for IMAP/POP3 logins."""
+    row = (Mailbox.select(Mailbox.password_hash, Mailbox.id)
+           .where(Mailbox.address == address).tuples().first())
+    return tuple(row) if row else None
+
+
 def register_domain_hook() -> None:
     hooks = _domains().DELETE_HOOKS
     if _delete_domain_hook not in hooks:

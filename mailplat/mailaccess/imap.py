@@ -138,11 +138,13 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
             return
         if self._cont is not None:  # AUTHENTICATE continuation
             fut, self._cont = self._cont, None
+            self._hold()  # anything pipelined after it waits for the command to finish
             if not fut.done():
                 fut.set_result(line)
             return
         if self._idle_done is not None:
             if line.strip().upper() == b"DONE":
+                self._hold()
                 self._idle_done.set()
             else:
                 self._bad(None, b"Expected DONE")
@@ -228,6 +230,10 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
     # -- dispatch ---------------------------------------------------------------------------------
     def _pause(self):
         self._busy = True
+        self.paused = True
+        self.transport.pauseProducing()
+
+    def _hold(self):
         self.paused = True
         self.transport.pauseProducing()
 
@@ -353,7 +359,6 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
             self.transport.resumeProducing()
             self.dataReceived(b"")
             data = await self._cont
-            self.paused = True
         if data.strip() == b"*":
             raise Bad(b"Authentication cancelled")
         try:
@@ -402,7 +407,7 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
             if fid is not None:
                 mailboxes.unwatch(fid, wake.set)
             self._idle_done = None
-            self.paused = True
+            self._hold()
         return b"IDLE terminated"
 
 

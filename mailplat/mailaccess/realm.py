@@ -1,7 +1,7 @@
 """Who may read which mailbox, and the transport rules IMAP and POP3 share.
 
-Owns: mailbox login for IMAP and POP3 (core.auth.check_login: argon2 in a thread, never on the
-reactor; the login must be a mailbox, not only an SMTP credential), the escalating per-IP delay
+Owns: mailbox login for IMAP and POP3 (the mailbox's argon2 hash, verified in a thread with
+core.auth.verify_password, never on the reactor; a dummy hash for unknown users), the escalating per-IP delay
 after failed logins and the temporary refusal after many, the "may this connection send a
 password" rule (TLS, or loopback in dev mode), and Twisted TLS options built from the
 configured certificate.  imap.py and pop3.py call these.
@@ -18,7 +18,6 @@ from twisted.internet.interfaces import ISSLTransport
 
 from .. import logs
 from ..core import auth, mailboxes
-from ..errors import NotFound
 
 log = logs.get("mailplat.mailaccess")
 
@@ -63,19 +62,18 @@ class TemporarilyRefused(Exception):
 
 
 async def login(ctx, throttle: LoginThrottle, ip: str, user: str, password: str, proto: str):
-    """(address, mailbox id) for a right mailbox password, else None after the penalty delay.
+    """(address, mailbox id) for a right mailbox password (the mailbox's own hash: an SMTP
+    credential of the same address does not open the mailbox), else None after the penalty delay.
     Raises TemporarilyRefused when this IP failed too often lately."""
     if throttle.refused(ip):
         log.warning("login refused: too many failures", extra={"fields": {"peer": ip, "proto": proto}})
         raise TemporarilyRefused()
     address = (user or "").strip().lower()
-    domain = await auth.check_login(ctx.store, address, password or "")
-    mbid = None
-    if domain is not None:
-        try:
-            mbid = await ctx.store.read(mailboxes.account_id_sync, address)
-        except NotFound:
-            mbid = None
+    found = None
+    if "@" in address and len(address) <= 320:
+        found = await ctx.store.read(mailboxes.login_row_sync, address)
+    ok = await asyncio.to_thread(auth.verify_password, found[0] if found else None, password or "")
+    mbid = found[1] if ok and found else None
     if mbid is None:
         delay = throttle.delay(ip)
         throttle.failed(ip)
