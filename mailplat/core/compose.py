@@ -296,9 +296,14 @@ def compose(*, from_: str, to: list[Addr], cc: list[Addr], subject: str | None, 
 
 
 # -- messages given as MIME -----------------------------------------------------------------------
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+
+
 def read_headers(raw: bytes):
-    """The header part of a raw message as an email.message.Message (body not parsed)."""
-    return BytesHeaderParser(policy=policy.compat32).parsebytes(raw[:1 << 20])
+    """The header part of a raw message as an email.message.Message (the body is not read:
+    the parser would otherwise walk every body line even in headers-only mode)."""
+    m = _HEADER_END.search(raw, 0, 1 << 20)
+    return BytesHeaderParser(policy=policy.compat32).parsebytes(raw[:m.end()] if m else raw[:1 << 20])
 
 
 def decoded(msg, name: str) -> str:
