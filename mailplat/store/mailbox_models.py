@@ -6,7 +6,7 @@ with UIDVALIDITY, UIDNEXT and HIGHESTMODSEQ), the messages filed in folders (UID
 modseq, internal date, size, the content-addressed Blob holding the exact bytes), and
 InboundJob: one row per message accepted by the MX, consumed by core.receive's worker.
 Folder names are database keys (mailbox-relative, "/"-separated, Unicode), never paths.
-The lead imports these into models.ALL_MODELS; migration 0002_mailboxes builds them.
+They add themselves to models.ALL_MODELS on import; migration 0002_mailboxes builds them.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import time
 
 import peewee as pw
 
+from . import models
 from .models import BaseModel, JSONField
 
 
@@ -77,3 +78,5 @@ class InboundJob(BaseModel):
 
 
 MAILBOX_MODELS = [Mailbox, MailFolder, MailMessage, InboundJob]
+# Listed with the other tables (models.ALL_MODELS) as soon as this module is imported.
+models.ALL_MODELS.extend(m for m in MAILBOX_MODELS if m not in models.ALL_MODELS)
