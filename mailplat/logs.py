@@ -17,11 +17,33 @@ from contextlib import contextmanager
 
 _context: contextvars.ContextVar[dict] = contextvars.ContextVar("mailplat_log_context", default={})
 
-_SECRET = re.compile(r"(?i)(password|passwd|secret|api[_-]?key|authorization|smtp_password)([\"']?\s*[:=]\s*[\"']?)([^\s\"',&]+)")
+_SECRET_NAME = r"(?:password|passwd|secret|api[_-]?key|smtp_password|token)"
+# name=value, name: value, "name": "value with spaces"
+_SECRET = re.compile(rf"(?i)({_SECRET_NAME}[\"']?\s*[:=]\s*)(\"[^\"]*\"|'[^']*'|[^\s\"',&]+)")
+# Authorization: Basic <credentials>: the credentials, not the scheme, are the secret
+_AUTHZ = re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?(?:(?:basic|bearer|digest)\s+)?)([^\s\"',&]+)")
+# an API key anywhere (key-<id>-<secret>): keep the public id, drop the secret
+_API_KEY = re.compile(r"\b(key-[0-9a-f]{4,32}-)[0-9A-Za-z_]{8,}")
+_SECRET_FIELD = re.compile(rf"(?i){_SECRET_NAME}|authorization")
 
 
 def redact(text: str) -> str:
-    return _SECRET.sub(lambda m: m.group(1) + m.group(2) + "***", text)
+    text = _AUTHZ.sub(lambda m: m.group(1) + "***", text)
+    text = _SECRET.sub(lambda m: m.group(1) + ("\"***\"" if m.group(2)[:1] in "\"'" else "***"), text)
+    return _API_KEY.sub(lambda m: m.group(1) + "***", text)
+
+
+def _safe_fields(values: dict) -> dict:
+    """Structured fields: a secret-named field is masked, strings are redacted."""
+    out = {}
+    for k, v in values.items():
+        if _SECRET_FIELD.search(str(k)):
+            out[k] = "***"
+        elif isinstance(v, str):
+            out[k] = redact(v)
+        else:
+            out[k] = v
+    return out
 
 
 @contextmanager
@@ -47,10 +69,10 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": redact(record.getMessage()),
         }
-        entry.update(_context.get())
+        entry.update(_safe_fields(_context.get()))
         extra = getattr(record, "fields", None)
         if extra:
-            entry.update(extra)
+            entry.update(_safe_fields(extra))
         if record.exc_info:
             entry["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, default=str)
@@ -58,7 +80,7 @@ class _JsonFormatter(logging.Formatter):
 
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        ctx = {**_context.get(), **(getattr(record, "fields", None) or {})}
+        ctx = _safe_fields({**_context.get(), **(getattr(record, "fields", None) or {})})
         tail = " ".join(f"{k}={v}" for k, v in ctx.items())
         line = f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {record.levelname:<7} {record.name}: {redact(record.getMessage())}"
         if tail:

@@ -319,3 +319,48 @@ def test_services_sharing_one_data_dir_merge_ports_json(tmp_path):
         for listener in listeners.values():
             listener.close()
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+# -- the log format itself --------------------------------------------------------------------
+@pytest.fixture
+def log_stream():
+    import io
+    import logging
+
+    from mailplat import logs
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    stream = io.StringIO()
+    yield stream, logs
+    root.handlers[:], _ = saved
+    root.setLevel(saved[1])
+
+
+def test_json_logs_carry_context_and_redact_secrets(log_stream):
+    stream, logs = log_stream
+    logs.setup("DEBUG", "json", stream=stream)
+    key = f"key-{secrets.token_hex(6)}-{secrets.token_hex(16)}"
+    log = logs.get("mailplat.test")
+    with logs.context(request_id="r-1", domain="example.test"):
+        log.info("auth header Authorization: Basic %s", base64.b64encode(f"api:{key}".encode()).decode())
+        log.warning("form was password=hunter2&name=x and key %s", key)
+        logs.event(log, "created", smtp_password="hunter3", note=f"uses {key}", size=3)
+    log.info("outside")
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["msg"].split()[0] for line in lines] == ["auth", "form", "created", "outside"]
+    assert all(line["request_id"] == "r-1" and line["domain"] == "example.test" for line in lines[:3])
+    assert "request_id" not in lines[3]
+    assert lines[2]["smtp_password"] == "***" and lines[2]["size"] == 3
+    text = stream.getvalue()
+    for secret in (key.split("-")[2], "hunter2", "hunter3", base64.b64encode(f"api:{key}".encode()).decode()):
+        assert secret not in text
+    assert key.split("-")[1] in text  # the public key id stays, for tracing
+
+
+def test_text_logs_redact_too(log_stream):
+    stream, logs = log_stream
+    logs.setup("INFO", "text", stream=stream)
+    with logs.context(peer="127.0.0.1"):
+        logs.event(logs.get("mailplat.test"), 'got {"password": "two words"}', api_key="k-123")
+    out = stream.getvalue()
+    assert "two words" not in out and "k-123" not in out and "peer=127.0.0.1" in out
