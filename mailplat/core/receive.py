@@ -36,7 +36,8 @@ POLL_SECONDS = 0.5
 # fn(address, domain_row) -> bool, run inside a store read: "someone other than a mailbox
 # takes mail for this address" (routes, lists).
 RECIPIENT_SOURCES: list[Callable] = []
-# fn(job, rcpts_without_mailbox) run inside the delivery write transaction.
+# fn(job, rcpts_without_mailbox) run inside the delivery write transaction, once per job (on its
+# first pass): routes/lists turn it into their own work rows in the same commit.
 JOB_HANDLERS: list[Callable] = []
 _wake: asyncio.Event | None = None
 
@@ -196,8 +197,9 @@ def _deliver_batch(now: float, hostname: str, is_postgres: bool) -> tuple[int, s
             else:
                 folders.add(fid)
             done.append(rcpt)
-        for handler in JOB_HANDLERS:
-            handler(job, orphans)
+        if job.attempts == 0:  # handlers see each job once, whatever mailbox retries follow
+            for handler in JOB_HANDLERS:
+                handler(job, orphans)
         if orphans and not JOB_HANDLERS:
             log.warning("inbound recipients without a mailbox", extra={"fields": {"job": job.id, "count": len(orphans)}})
         job.done_rcpts = done
