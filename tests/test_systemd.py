@@ -3,7 +3,6 @@ only to the instances that bind low ports, and Type=notify is honest (READY=1 ar
 the port accepts connections; STOPPING=1 on SIGTERM)."""
 from __future__ import annotations
 
-import configparser
 import json
 import os
 import re
