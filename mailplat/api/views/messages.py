@@ -7,6 +7,8 @@ what they mean and commits; this module answers 200 {"id", "message"} only after
 """
 from __future__ import annotations
 
+import json
+
 from aiohttp import web
 
 from ...core import options as optmod
@@ -30,7 +32,6 @@ def _apply_options(form: Form, opts: optmod.Options, user_variables: dict,
         if not isinstance(key, str):
             continue
         if isinstance(value, (dict, list)) and not key.startswith("v:"):
-            import json
             value = json.dumps(value)
         if key.startswith("o:"):
             optmod.apply(opts, user_variables, key, value if value is not None else "", now)
