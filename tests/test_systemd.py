@@ -154,8 +154,9 @@ def _accepts(port: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
-def test_sd_notify_ready_only_when_listening(tmp_path, abstract):
+@pytest.mark.parametrize("abstract,services", [(False, []), (True, ["api"])],
+                         ids=["path-all-services", "abstract-api"])
+def test_sd_notify_ready_only_when_listening(tmp_path, abstract, services):
     data_dir = tmp_path / "data"
     init_data_dir(data_dir)
     sockdir = Path(tempfile.mkdtemp(prefix="mp-notify-"))
@@ -169,21 +170,24 @@ def test_sd_notify_ready_only_when_listening(tmp_path, abstract):
         notify_socket = str(sockdir / "notify")
     listener.settimeout(60)
     log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen(MAILPLAT + ["serve", "--data-dir", str(data_dir), "api"],
+    proc = subprocess.Popen(MAILPLAT + ["serve", "--data-dir", str(data_dir), *services],
                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                             env={**os.environ, "NOTIFY_SOCKET": notify_socket})
     try:
         message = listener.recv(4096).decode()
-        # At the moment READY=1 arrives, the API already accepts connections.
+        # At the moment READY=1 arrives, every port already accepts connections.
         ports = json.loads((data_dir / "ports.json").read_text())
         assert message == "READY=1"
-        assert set(ports) == {"api"}
-        assert _accepts(ports["api"])
+        if services == ["api"]:
+            assert set(ports) == {"api"}
+        else:
+            assert {"api", "smtp", "submission"} <= set(ports)
+        assert all(_accepts(p) for p in ports.values())
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         assert listener.recv(4096).decode() == "STOPPING=1"
         assert proc.wait(30) == 0
-        assert not _accepts(ports["api"])
+        assert not any(_accepts(p) for p in ports.values())
     finally:
         if proc.poll() is None:
             proc.kill()
