@@ -106,6 +106,28 @@ class RelayConfig:
 
 
 @dataclass(frozen=True)
+class HooksConfig:
+    # Let route forward()/store(notify=) and webhook URLs reach loopback, private and
+    # link-local addresses (tests and closed networks only).
+    allow_private_targets: bool = False
+    timeout: float = 30.0
+    # Seconds between attempts of an HTTP post; the last figure repeats until max_attempts.
+    retry_schedule: tuple[float, ...] = (10.0, 60.0, 300.0, 900.0, 3600.0)
+    max_attempts: int = 8
+    # Days a route's store() keeps a message.
+    stored_message_days: float = 3.0
+
+
+@dataclass(frozen=True)
+class SpamConfig:
+    # SpamAssassin's spamd; empty host disables checking (mail is tagged unchecked).
+    spamd_host: str = "127.0.0.1"
+    spamd_port: int = 783
+    timeout: float = 20.0
+    max_bytes: int = 524_288
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "INFO"
     # "json" or "text"
@@ -124,6 +146,8 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
+    spam: SpamConfig = field(default_factory=SpamConfig)
 
     @property
     def db_url(self) -> str:
@@ -166,7 +190,7 @@ ENV_OVERRIDES = {
 _SECTION_CLASSES = {
     "server": ServerConfig, "database": DatabaseConfig, "api": ApiConfig, "smtp": SmtpConfig,
     "mailaccess": MailAccessConfig, "tls": TlsConfig, "dns": DnsConfig, "relay": RelayConfig,
-    "log": LogConfig,
+    "log": LogConfig, "hooks": HooksConfig, "spam": SpamConfig,
 }
 PORT_FIELDS = {
     "api": ("api", "port"), "smtp": ("smtp", "mx_port"),
