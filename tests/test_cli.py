@@ -202,3 +202,24 @@ def test_unknown_service_is_refused(tmp_path):
 def test_usage_errors_exit_2(tmp_path, args):
     r = run_cli(tmp_path / "d", *args, check=False)
     assert r.returncode == 2 and "usage:" in r.stderr
+
+
+def test_serve_on_a_fresh_dir_prints_the_key_only_on_the_creating_run(tmp_path):
+    d = tmp_path / "fresh"
+    d.mkdir()  # empty: no config, store or key yet (the test harness keeps its log here)
+    env = {f"MAILPLAT_{name.upper()}_PORT": "0" for name in PORT_NAMES}
+    srv = serve(d, "", ["api"], env=env)
+    try:
+        out = wait_for(lambda: "data dir:" in srv.logs() and srv.logs(), what="the banner")
+        key = re.search(rf"API key: +({KEY_RE})", out).group(1)
+        assert f"API base URL: http://127.0.0.1:{srv.ports['api']}" in out
+        assert srv.api("GET", "/v1/keys", key=key).status_code == 200
+    finally:
+        assert srv.stop() == 0
+    again = serve(d, key, ["api"], env=env)
+    try:
+        out = wait_for(lambda: "data dir:" in again.logs() and again.logs(), what="the banner")
+        assert not re.search(KEY_RE, out) and "printed when this data dir was created" in out
+        assert again.api("GET", "/v1/keys").status_code == 200
+    finally:
+        assert again.stop() == 0
