@@ -73,6 +73,7 @@ class Raw:
                 return out
 
     def close(self):
+        self.file.close()
         self.sock.close()
 
 
@@ -209,6 +210,69 @@ def test_append_fetch_uidplus_move_and_expunge(server, addr):
     assert m.expunge()[1] == [b"3", b"2", b"1"]
     assert m.select("Trash")[1] == [b"0"]
     m.logout()
+
+
+NESTED = (b"From: \"Ann Example\" <ann@far.test>\r\nTo: a@x.test, \"B, C\" <bc@y.test>\r\nCc: group: ;\r\n"
+          b"Subject: nested\r\nDate: Tue, 24 Nov 2026 10:00:00 +0100\r\nMessage-ID: <n1@far.test>\r\n"
+          b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"AA\"\r\n\r\npreamble\r\n"
+          b"--AA\r\nContent-Type: multipart/alternative; boundary=BB\r\n\r\n"
+          b"--BB\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nh\xc3\xa9llo\r\n"
+          b"--BB\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<b>hi</b>\r\n--BB--\r\n"
+          b"--AA\r\nContent-Type: message/rfc822\r\nContent-Disposition: attachment; filename=\"fw.eml\"\r\n\r\n"
+          b"From: inner@far.test\r\nSubject: inner\r\nContent-Type: text/plain\r\n\r\ninner body\r\n"
+          b"--AA\r\nContent-Type: application/octet-stream; name=\"x.bin\"\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+          b"AAECAw==\r\n--AA--\r\nepilogue\r\n")
+
+
+def test_bodystructure_envelope_and_sections_on_nested_mime(server, addr):
+    m = login(server, addr)
+    m.append("INBOX", None, None, NESTED)
+    m.select("INBOX")
+    typ, data = m.fetch("1", "(BODYSTRUCTURE ENVELOPE)")
+    meta = data[0] if isinstance(data[0], bytes) else data[0][0]
+    assert b'(("TEXT" "PLAIN" ("CHARSET" "utf-8") NIL NIL "8BIT" 6 1' in meta
+    assert b'("TEXT" "HTML" ("CHARSET" "utf-8") NIL NIL "7BIT" 9 1' in meta
+    assert b'"ALTERNATIVE" ("BOUNDARY" "BB")' in meta
+    assert b'("MESSAGE" "RFC822" NIL NIL NIL "7BIT" ' in meta and b'"inner"' in meta
+    assert b'("ATTACHMENT" ("FILENAME" "fw.eml"))' in meta
+    assert b'("APPLICATION" "OCTET-STREAM" ("NAME" "x.bin") NIL NIL "BASE64" 8' in meta
+    assert b'"MIXED" ("BOUNDARY" "AA")' in meta
+    assert b'(("Ann Example" NIL "ann" "far.test"))' in meta
+    assert b'((NIL NIL "a" "x.test") ("B, C" NIL "bc" "y.test"))' in meta
+    want = {"1.1": b"h\xc3\xa9llo", "1.2": b"<b>hi</b>", "2": b"From: inner@far.test\r\nSubject: inner\r\n"
+            b"Content-Type: text/plain\r\n\r\ninner body", "2.HEADER": b"From: inner@far.test\r\nSubject: inner\r\n"
+            b"Content-Type: text/plain\r\n\r\n", "2.TEXT": b"inner body", "2.1": b"inner body", "3": b"AAECAw==",
+            "3.MIME": b"Content-Type: application/octet-stream; name=\"x.bin\"\r\nContent-Transfer-Encoding: base64\r\n\r\n",
+            "1.1.MIME": b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n", "9": b""}
+    for section, expected in want.items():
+        typ, data = m.fetch("1", f"(BODY.PEEK[{section}])")
+        assert data[0][1] == expected, section
+    typ, data = m.fetch("1", "(BODY.PEEK[]<10.20> BODY.PEEK[HEADER.FIELDS.NOT (TO CC DATE MESSAGE-ID MIME-VERSION CONTENT-TYPE)])")
+    assert data[0][1] == NESTED[10:30]
+    assert data[1][1] == b"From: \"Ann Example\" <ann@far.test>\r\nSubject: nested\r\n\r\n"
+    m.logout()
+
+
+def test_connection_cap_per_ip(server):
+    socks = []
+    try:
+        refused = None
+        for _ in range(60):
+            raw = Raw(server.ports["imap"])
+            socks.append(raw)
+            if raw.greeting.startswith(b"* BYE"):
+                refused = raw.greeting
+                break
+        assert refused is not None and b"UNAVAILABLE" in refused and len(socks) == 51
+    finally:
+        for s in socks:
+            s.close()
+    def greeted():
+        probe = Raw(server.ports["imap"])
+        probe.close()
+        return probe.greeting.startswith(b"* OK")
+
+    wait_for(greeted, timeout=10, what="slots freed")
 
 
 def test_search_and_condstore(server, addr):

@@ -73,6 +73,33 @@ def test_core_receive_commits_then_files_once(db_url, tmp_path):
         ctx.store.close()
 
 
+def test_core_full_mailbox_defers_delivery_and_append(db_url, tmp_path):
+    ctx = _ctx(db_url, tmp_path)
+    ctx = Context(config=ctx.config.with_overrides(mailaccess={"quota_bytes": 1000}), store=ctx.store)
+
+    async def scenario():
+        await ctx.store.write(lambda: Domain.create(id=uuid.uuid4().hex[:24], name="small.test",
+                                                     smtp_login="postmaster@small.test"))
+        await mailboxes.create_mailbox(ctx, "small.test", "tiny", PASSWORD)
+        mbid = await ctx.store.read(mailboxes.account_id_sync, "tiny@small.test")
+        with pytest.raises(mailboxes.OverQuota):
+            await ctx.store.write(mailboxes.append_sync, mbid, "INBOX", b"x" * 2000, [], 0.0)
+        await receive.accept(ctx, "s@far.test", ["tiny@small.test"], b"Subject: big\r\n\r\n" + b"y" * 2000, "192.0.2.1")
+        await receive.accept(ctx, "s@far.test", ["tiny@small.test"], b"Subject: ok\r\n\r\nsmall\r\n", "192.0.2.1")
+        await receive.deliver_due(ctx)
+        jobs = await ctx.store.read(lambda: sorted((j.size, j.state, j.last_error, j.next_attempt_at > ctx.clock())
+                                                   for j in InboundJob.select()))
+        assert jobs[0][:2] == (len(b"Subject: ok\r\n\r\nsmall\r\n"), "done")
+        assert jobs[1][1:] == ("queued", "mailbox full", True)  # kept, retried later, never dropped
+        count = await ctx.store.read(lambda: MailMessage.select().count())
+        assert count == 1
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        ctx.store.close()
+
+
 # -- over real sockets -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def box(server):

@@ -32,6 +32,8 @@ BATCH_JOBS = 50
 RETRY_SECONDS = (60.0, 300.0, 900.0, 3600.0)
 MAX_AGE = 5 * 86400.0
 POLL_SECONDS = 0.5
+KEEP_DONE_SECONDS = 7 * 86400.0
+_last_purge = 0.0
 
 # fn(address, domain_row) -> bool, run inside a store read: "someone other than a mailbox
 # takes mail for this address" (routes, lists).
@@ -216,8 +218,17 @@ def _deliver_batch(now: float, hostname: str, is_postgres: bool) -> tuple[int, s
     return len(jobs), folders
 
 
+def _purge_sync(before: float) -> int:
+    return InboundJob.delete().where((InboundJob.state == "done") & (InboundJob.received_at < before)).execute()
+
+
 async def deliver_due(ctx) -> int:
-    """Deliver every due job now (the worker's step; tests and the CLI may call it)."""
+    """Deliver every due job now (the worker's step; tests and the CLI may call it).  Done jobs
+    are kept KEEP_DONE_SECONDS for diagnosis, then removed."""
+    global _last_purge
+    if ctx.clock() - _last_purge > 600:
+        _last_purge = ctx.clock()
+        await ctx.store.write(_purge_sync, ctx.clock() - KEEP_DONE_SECONDS)
     total = 0
     while True:
         n, folders = await ctx.store.write(_deliver_batch, ctx.clock(), ctx.config.server.hostname,

@@ -16,6 +16,7 @@ import asyncio
 import base64
 import re
 import tempfile
+import time
 
 from twisted.internet import protocol
 from twisted.protocols.basic import LineReceiver
@@ -34,13 +35,15 @@ PREAUTH_LIMIT = 8 * 1024
 COMMAND_LIMIT = 1024 * 1024
 MAX_ERRORS = 20
 MAX_SEGMENTS = 200
+PREAUTH_DEADLINE = 60.0  # seconds for a whole command (lines and literals) to arrive
+COMMAND_DEADLINE = 600.0
 _LITERAL = re.compile(rb"\{([^{}]*)\}$")
 _TAG = re.compile(rb"^[\x21-\x7e]+$")
 _TAG_BAD = set(b'(){%*"\\+')
 
 
 class _Command:
-    __slots__ = ("tag", "name", "segments", "literals", "size", "pending", "sink", "got")
+    __slots__ = ("tag", "name", "segments", "literals", "size", "pending", "sink", "got", "deadline")
 
     def __init__(self, tag: bytes, name: bytes):
         self.tag, self.name = tag, name
@@ -79,6 +82,10 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
     # -- connection ----------------------------------------------------------------------------
     def connectionMade(self):
         self.peer = getattr(self.transport.getPeer(), "host", "?")
+        self.counted = self.factory.limits.add(self.peer)
+        if not self.counted:
+            self.close(b"[UNAVAILABLE] Too many connections, try again later")
+            return
         self.factory.sessions.add(self)
         self.setTimeout(self.PREAUTH_TIMEOUT)
         self.send(b"* OK [CAPABILITY " + self.capabilities() + b"] mailplat IMAP4rev1 ready")
@@ -86,6 +93,9 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
     def connectionLost(self, reason=None):
         self._closed = True
         self.setTimeout(None)
+        if getattr(self, "counted", False):
+            self.counted = False
+            self.factory.limits.remove(self.peer)
         self.factory.sessions.discard(self)
         self.deselect()
         if self._cont is not None and not self._cont.done():
@@ -160,7 +170,11 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
                 self._bad(tag, b"Missing command")
                 return
             cmd = self._cmd = _Command(tag, parts[1].upper())
+            cmd.deadline = time.monotonic() + (COMMAND_DEADLINE if self.state != "unauth" else PREAUTH_DEADLINE)
             line = parts[2] if len(parts) > 2 else b""
+        elif time.monotonic() > cmd.deadline:
+            self.close(b"Command took too long to arrive")
+            return
         cmd.size += len(line)
         m = _LITERAL.search(line)
         if m is None:
@@ -206,6 +220,9 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
         cmd = self._cmd
         if cmd is None:
             self.setLineMode(data)
+            return
+        if time.monotonic() > cmd.deadline:  # a deadline per command, not per read
+            self.close(b"Command took too long to arrive")
             return
         need = cmd.pending - cmd.got
         chunk, rest = data[:need], data[need:]
@@ -415,11 +432,13 @@ IMAPServer.COMMANDS = build_commands(IMAPServer)
 
 
 class IMAPFactory(protocol.Factory):
-    def __init__(self, ctx, tls_options, implicit_tls: bool, throttle: realm.LoginThrottle):
+    def __init__(self, ctx, tls_options, implicit_tls: bool, throttle: realm.LoginThrottle,
+                 limits: realm.ConnectionLimits):
         self.ctx = ctx
         self.tls = tls_options
         self.implicit_tls = implicit_tls
         self.throttle = throttle
+        self.limits = limits
         self.sessions: set[IMAPServer] = set()
 
     def buildProtocol(self, addr):

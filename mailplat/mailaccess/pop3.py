@@ -65,12 +65,28 @@ class POP3Server(LineReceiver, TimeoutMixin):
 
     def connectionMade(self):
         self.peer = getattr(self.transport.getPeer(), "host", "?")
+        self.counted = self.factory.limits.add(self.peer)
+        if not self.counted:
+            self.send(b"-ERR [SYS/TEMP] Too many connections, try again later")
+            self.transport.loseConnection()
+            self._closed = True
+            return
+        self.factory.sessions.add(self)
         self.setTimeout(self.timeOut)
         self.send(b"+OK mailplat POP3 ready")
 
     def connectionLost(self, reason=None):
         self._closed = True
         self.setTimeout(None)
+        if getattr(self, "counted", False):
+            self.counted = False
+            self.factory.limits.remove(self.peer)
+        self.factory.sessions.discard(self)
+
+    def close(self, why: bytes) -> None:
+        self.send(b"-ERR " + why)
+        self.transport.loseConnection()
+        self._closed = True
 
     def timeoutConnection(self):
         self.send(b"-ERR Idle for too long")
@@ -290,11 +306,14 @@ class POP3Server(LineReceiver, TimeoutMixin):
 
 
 class POP3Factory(protocol.Factory):
-    def __init__(self, ctx, tls_options, implicit_tls: bool, throttle: realm.LoginThrottle):
+    def __init__(self, ctx, tls_options, implicit_tls: bool, throttle: realm.LoginThrottle,
+                 limits: realm.ConnectionLimits):
         self.ctx = ctx
         self.tls = tls_options
         self.implicit_tls = implicit_tls
         self.throttle = throttle
+        self.limits = limits
+        self.sessions: set = set()
 
     def buildProtocol(self, addr):
         return POP3Server(self, self.implicit_tls)

@@ -57,6 +57,30 @@ class LoginThrottle:
         self.fails.pop(ip, None)
 
 
+class ConnectionLimits:
+    """Open IMAP/POP3 connections per client IP and overall (all four listeners share one)."""
+
+    def __init__(self, per_ip: int = 50, total: int = 5000):
+        self.per_ip, self.total = per_ip, total
+        self.by_ip: dict[str, int] = {}
+        self.count = 0
+
+    def add(self, ip: str) -> bool:
+        if self.count >= self.total or self.by_ip.get(ip, 0) >= self.per_ip:
+            return False
+        self.by_ip[ip] = self.by_ip.get(ip, 0) + 1
+        self.count += 1
+        return True
+
+    def remove(self, ip: str) -> None:
+        n = self.by_ip.get(ip, 0) - 1
+        if n <= 0:
+            self.by_ip.pop(ip, None)
+        else:
+            self.by_ip[ip] = n
+        self.count = max(0, self.count - 1)
+
+
 class TemporarilyRefused(Exception):
     pass
 

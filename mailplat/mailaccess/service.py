@@ -35,6 +35,7 @@ class Service:
         cfg = self.ctx.config
         tls = realm.tls_options(self.ctx)
         throttle = realm.LoginThrottle()
+        limits = realm.ConnectionLimits()
         bind = cfg.server.bind
         ports = {}
         specs = [("imap", IMAPFactory, cfg.mailaccess.imap_port, False),
@@ -42,7 +43,7 @@ class Service:
                  ("pop3", POP3Factory, cfg.mailaccess.pop3_port, False),
                  ("pop3s", POP3Factory, cfg.mailaccess.pop3s_port, True)]
         for name, factory_cls, port, implicit in specs:
-            factory = factory_cls(self.ctx, tls, implicit, throttle)
+            factory = factory_cls(self.ctx, tls, implicit, throttle, limits)
             if implicit:
                 lp = reactor.listenSSL(port, factory, tls, backlog=1024, interface=bind)
             else:
