@@ -5,6 +5,8 @@ that lets a message in DATA finish."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import os
 import socket
 import ssl
 import threading
@@ -13,7 +15,8 @@ import uuid
 
 import pytest
 
-from tests.support import MailplatServer, start_server, wait_for
+from tests.conftest import PG_BASE
+from tests.support import MailplatServer, pg_database, start_server, wait_for
 from tests.test_domains_api import store_query
 
 PASSWORD = "Hardening-pw-1"
@@ -67,9 +70,18 @@ class Raw:
 
 @pytest.fixture(scope="module")
 def hard(tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("smtphard"),
-                       sets=["smtp.command_timeout=1.5", "smtp.max_connections_per_ip=4"],
-                       services=["api", "smtpd"])
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(pg_database(PG_BASE)) if os.environ.get("MAILPLAT_TEST_PG_SERVER") and PG_BASE else None
+        srv = start_server(tmp_path_factory.mktemp("smtphard"), db_url=url,
+                           sets=["smtp.command_timeout=1.5", "smtp.max_connections_per_ip=4"],
+                           services=["api", "smtpd"])
+        try:
+            yield from _with_domain(srv)
+        finally:
+            srv.stop()
+
+
+def _with_domain(srv):
     domain = f"h{uuid.uuid4().hex[:8]}.example.test"
     r = srv.api("POST", "/v3/domains", data={"name": domain, "smtp_password": PASSWORD})
     assert r.status_code == 200, r.text
@@ -77,7 +89,6 @@ def hard(tmp_path_factory):
     assert r.status_code == 200, r.text
     srv.domain = domain
     yield srv
-    srv.stop()
 
 
 def mx(srv: MailplatServer, **kw) -> Raw:

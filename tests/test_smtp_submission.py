@@ -3,7 +3,9 @@ AUTH only after TLS (outside dev mode), 530 before AUTH, no relay without AUTH, 
 to the login's domain, X-Mailgun-* headers read and stripped, 250 only after the commit."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import smtplib
 import ssl
@@ -11,7 +13,8 @@ import uuid
 
 import pytest
 
-from tests.support import MailplatServer, init_data_dir, serve
+from tests.conftest import PG_BASE
+from tests.support import MailplatServer, init_data_dir, pg_database, serve
 from tests.test_domains_api import store_query
 
 PASSWORD = "Submit-pw-42"
@@ -28,12 +31,25 @@ def tls_context() -> ssl.SSLContext:
 def sub(tmp_path_factory):
     """A production-like server: dev_mode off, so AUTH needs TLS even on loopback."""
     data_dir = tmp_path_factory.mktemp("smtpsub")
-    key = init_data_dir(data_dir)
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(pg_database(PG_BASE)) if os.environ.get("MAILPLAT_TEST_PG_SERVER") and PG_BASE else None
+        key = init_data_dir(data_dir, db_url=url)
+        yield from _serve(data_dir, key)
+
+
+def _serve(data_dir, key):
     conf = data_dir / "mailplat.toml"
     text = conf.read_text()
     assert "dev_mode = true" in text
     conf.write_text(text.replace("dev_mode = true", "dev_mode = false"))
     srv = serve(data_dir, key, services=["api", "smtpd"])
+    try:
+        yield _setup(srv)
+    finally:
+        srv.stop()
+
+
+def _setup(srv: MailplatServer) -> MailplatServer:
     domain = f"sub{uuid.uuid4().hex[:8]}.example.test"
     r = srv.api("POST", "/v3/domains", data={"name": domain, "smtp_password": PASSWORD})
     assert r.status_code == 200, r.text
@@ -43,8 +59,7 @@ def sub(tmp_path_factory):
     r = srv.api("POST", "/v3/domains", data={"name": other, "smtp_password": "Other-pw-1"})
     assert r.status_code == 200, r.text
     srv.domain, srv.other = domain, other
-    yield srv
-    srv.stop()
+    return srv
 
 
 def starttls_client(srv: MailplatServer) -> smtplib.SMTP:
