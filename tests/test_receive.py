@@ -188,3 +188,60 @@ def test_byte_exact_round_trip_smtp_to_imap_and_pop3(server, box):
         assert raw in stripped, f"{name} did not round-trip byte for byte over POP3"
     sizes = server.api("GET", f"/v3/{domain}/mailboxes").json()["items"]
     assert sizes[0]["size_bytes"] == sum(len(b) for b in bodies)
+
+
+def _strip_client_lf(data: bytes) -> bytes:
+    """A message as mbsync/fetchmail store it (LF line ends, their own headers) back to what we
+    sent: drop X-TUID (mbsync) and every leading Received header (fetchmail's, then ours)."""
+    data = re.sub(rb"(?m)^X-TUID: [^\n]*\n", b"", data)
+    while data.startswith(b"Received:"):
+        m = re.match(rb"Received:[^\n]*\n(?:[ \t][^\n]*\n)*", data)
+        data = data[m.end():]
+    return data
+
+
+def test_byte_exact_round_trip_smtp_to_mbsync_and_fetchmail(server, tmp_path):
+    import shutil
+    import subprocess
+    if not (shutil.which("mbsync") and shutil.which("fetchmail")):
+        pytest.skip("mbsync (isync) and fetchmail are not installed")
+    domain = f"c{uuid.uuid4().hex[:8]}.example.test"
+    assert server.api("POST", "/v3/domains", data={"name": domain}).status_code == 200
+    addr = f"clients@{domain}"
+    assert server.api("POST", f"/v3/{domain}/mailboxes", data={"mailbox": addr, "password": PASSWORD}).status_code == 200
+    sent = _tricky()
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=60) as s:
+        for raw in sent.values():
+            s.sendmail("sender@far.test", [addr], raw)
+    imap = imaplib.IMAP4("127.0.0.1", server.ports["imap"])
+    imap.login(addr, PASSWORD)
+    wait_for(lambda: int(imap.select("INBOX")[1][0]) == len(sent), timeout=30, what="delivery")
+    imap.logout()
+    expected = sorted(raw.replace(b"\r\n", b"\n") for raw in sent.values())
+    cert = server.data_dir / "tls" / "cert.pem"
+
+    maildir = tmp_path / "maildir"
+    maildir.mkdir()
+    rc = tmp_path / "mbsyncrc"
+    rc.write_text(f"IMAPAccount t\nHost 127.0.0.1\nPort {server.ports['imaps']}\nUser {addr}\nPass \"{PASSWORD}\"\n"
+                  f"SSLType IMAPS\nCertificateFile {cert}\n\nIMAPStore remote\nAccount t\n\n"
+                  f"MaildirStore local\nPath {maildir}/\nInbox {maildir}/INBOX\n\n"
+                  f"Channel c\nFar :remote:\nNear :local:\nPatterns INBOX\nCreate Near\nSync Pull\nSyncState *\n")
+    out = subprocess.run(["mbsync", "-c", str(rc), "c"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr + out.stdout
+    got = sorted(_strip_client_lf(p.read_bytes()) for p in (maildir / "INBOX" / "new").iterdir())
+    assert got == expected, "mbsync copies differ from what was sent"
+
+    out_dir = tmp_path / "fetched"
+    out_dir.mkdir()
+    frc = tmp_path / "fetchmailrc"
+    frc.write_text(f'poll 127.0.0.1 protocol pop3 service {server.ports["pop3s"]} user "{addr}" '
+                   f'password "{PASSWORD}" ssl sslcertck sslcertfile "{cert}" sslcertpath "{tmp_path}" '
+                   f'sslcommonname "localhost" mda "/bin/sh -c \'cat > {out_dir}/msg.$$\'" keep\n')
+    frc.chmod(0o600)
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "FETCHMAILHOME": str(tmp_path)}
+    res = subprocess.run(["fetchmail", "-f", str(frc), "--nosyslog"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    got = sorted(_strip_client_lf(p.read_bytes()) for p in out_dir.iterdir())
+    assert got == expected, "fetchmail copies differ from what was sent"
