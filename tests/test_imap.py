@@ -296,6 +296,39 @@ def test_search_and_condstore(server, addr):
     m.logout()
 
 
+def test_small_commands_and_states(server, addr):
+    m = imaplib.IMAP4("127.0.0.1", server.ports["imap"])
+    with pytest.raises(imaplib.IMAP4.error):
+        m.select("INBOX")  # before login
+    m.login(addr, PASSWORD)
+    typ, data = m.xatom("ID", "NIL")
+    assert typ == "OK" and m.untagged_responses.pop("ID")[0].startswith(b'("name" "mailplat")')
+    typ, data = m.enable("CONDSTORE")
+    assert typ == "OK" and m.untagged_responses.pop("ENABLED") == [b"CONDSTORE"]
+    assert m.namespace()[1] == [b'(("" "/")) NIL NIL']
+    with pytest.raises(imaplib.IMAP4.error):
+        m.fetch("1", "(FLAGS)")  # not selected
+    for i in range(2):
+        m.append("INBOX", r"(\Deleted)" if i == 0 else None, None, b"Subject: %d\r\n\r\nx\r\n" % i)
+    assert m.unsubscribe("Junk")[0] == "OK"
+    assert b'"Junk"' not in b"".join(m.lsub()[1]) and b'"Sent"' in b"".join(m.lsub()[1])
+    assert m.subscribe("Junk")[0] == "OK"
+    m.select("INBOX", readonly=True)
+    typ, data = m.store("1", "+FLAGS", r"(\Seen)")
+    assert typ == "NO"
+    m.fetch("2", "(BODY[])")  # EXAMINE: no implicit \Seen
+    assert b"\\Seen" not in m.fetch("2", "(FLAGS)")[1][0]
+    assert m.unselect()[0] == "OK"
+    m.select("INBOX")
+    assert m.check()[0] == "OK"
+    assert m.close()[0] == "OK"  # CLOSE expunges the \Deleted message silently
+    typ, data = m.status("INBOX", "(MESSAGES UNSEEN HIGHESTMODSEQ)")
+    assert re.search(rb"MESSAGES 1 UNSEEN 1 HIGHESTMODSEQ \d+", data[0]), data
+    with pytest.raises(imaplib.IMAP4.error):
+        m.fetch("1", "(FLAGS)")  # CLOSE left the selected state
+    m.logout()
+
+
 def test_two_sessions_stay_consistent(server, addr):
     a, b = login(server, addr), login(server, addr)
     for i in range(3):
