@@ -382,3 +382,15 @@ def test_unanswered_auth_challenge_times_out(hard):
     assert code == 421 and lines[0].startswith(b"421 4.4.2"), lines
     assert c.closed()
     c.close()
+
+
+def test_address_length_limits(hard):
+    c = mx(hard)
+    # Long return paths (VERP, SRS) are real mail: only the 256-octet path limit applies.
+    assert c.cmd(f"MAIL FROM:<SRS0=ab12=CD=example.org={'x' * 60}@forwarder.test>")[0] == 250
+    code, lines = c.cmd(f"RCPT TO:<{'b' * 65}@{hard.domain}>")
+    assert code == 501 and lines[0].startswith(b"501 5.1.3"), lines
+    c.cmd("RSET")
+    code, lines = c.cmd(f"MAIL FROM:<{'a' * 250}@b.test>")
+    assert code == 501 and lines[0].startswith(b"501 5.1.7"), lines
+    c.close()

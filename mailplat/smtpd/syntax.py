@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import idna
 
 MAX_PATH = 256
-MAX_LOCAL = 64
+MAX_LOCAL = 64  # RFC 5321 4.5.3.1.1, enforced for recipients; senders (VERP/SRS return paths
+# often exceed it, and Postfix accepts them) are bounded by MAX_PATH only
 MAX_DOMAIN = 255
 
 _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
@@ -87,9 +88,9 @@ def parse(arg: str, keyword: str, *, null_ok: bool, smtputf8_offered: bool,
             raise PathError(bad)
         tail = rest[m.end():]
         local, domain = m.group("local"), m.group("domain")
-        if len(m.group(0)) - len(m.group("route") or "") > MAX_PATH or len(local) > MAX_LOCAL \
-                or len(domain) > MAX_DOMAIN:
-            raise PathError(bad.replace("Bad", "Too long") if "Bad" in bad else bad)
+        if len(m.group(0)) - len(m.group("route") or "") > MAX_PATH or len(domain) > MAX_DOMAIN \
+                or (keyword == "TO" and len(local) > MAX_LOCAL):
+            raise PathError(f"{bad[:9]} Address too long")
         literal = domain.startswith("[")
         if not literal:
             domain = domain.lower()
