@@ -4,6 +4,7 @@ file part), the MailgunMessageBuilder-style fields, error replies, and events re
 from __future__ import annotations
 
 import email
+import json
 from email import policy
 
 import pytest
@@ -114,3 +115,50 @@ def test_sdk_reads_events_back(client, domain):
     assert len(items) == 1 and items[0]["recipient"] == "ev@x.test" and items[0]["tags"] == ["sdk-ev"]
     paging = r.json()["paging"]
     assert all(paging[k].startswith("http://") for k in ("first", "last", "next", "previous"))
+
+
+# -- end to end: SDK batch send -> relay -> a loopback MX, DKIM verified by another implementation --
+@pytest.fixture(scope="module")
+def relay_env(tmp_path_factory, dns_server):
+    from tests.conftest import dns_sets
+    from tests.smtpsink import SmtpSink, free_port
+    from tests.support import start_server
+    port = free_port()
+    srv = start_server(tmp_path_factory.mktemp("mailplat-sdk-relay"),
+                       sets=dns_sets(dns_server) + ["relay.allow_private_mx=true", f"relay.remote_port={port}"])
+    sink = SmtpSink(host="127.0.0.77", port=port).start()
+    yield srv, dns_server, sink
+    srv.stop()
+    sink.stop()
+
+
+def test_sdk_batch_send_is_delivered_per_recipient_and_dkim_verifies(relay_env):
+    from tests.relaytest import create_domain, dkim_verify_perl, point_mx
+    srv, dns, sink = relay_env
+    sender = "batch-sdk.example.test"
+    create_domain(srv, dns, sender)
+    point_mx(dns, "readers.example.test", "127.0.0.77")
+    rv = {"ann@readers.example.test": {"name": "Ann", "uid": "u1"},
+          "bob@readers.example.test": {"name": "Bob", "uid": "u2"}}
+    with Client(auth=("api", srv.key), api_url=srv.url) as c:
+        r = c.messages.create(domain=sender, data={
+            "from": f"News <news@{sender}>", "to": ["Ann A <ann@readers.example.test>", "bob@readers.example.test"],
+            "subject": "Hello %recipient.name%", "text": "Dear %recipient.name%, id %recipient.uid%.",
+            "html": "<p>Dear %recipient.name% %tag_unsubscribe_email%</p>",
+            "h:List-Unsubscribe": "<https://news.example.test/u/%recipient.uid%>",
+            "recipient-variables": json.dumps(rv), "o:tag": "newsletter"})
+    assert r.status_code == 200, r.text
+    got = {m.rcpt_tos[0]: m for m in sink.wait_count(2)}
+    assert set(got) == set(rv)
+    for rcpt, name, uid, to in (("ann@readers.example.test", "Ann", "u1", "Ann A <ann@readers.example.test>"),
+                                ("bob@readers.example.test", "Bob", "u2", "bob@readers.example.test")):
+        m = got[rcpt]
+        assert m.mail_from == f"news@{sender}"
+        msg = email.message_from_bytes(m.data, policy=policy.default)
+        assert msg["To"] == to and msg["Subject"] == f"Hello {name}"
+        assert msg["List-Unsubscribe"] == f"<https://news.example.test/u/{uid}>"
+        assert msg.get_body(("plain",)).get_content().strip() == f"Dear {name}, id {uid}."
+        assert "%" not in msg.get_body(("html",)).get_content()
+        assert msg["Message-Id"] == r.json()["id"]
+        assert m.data.startswith(b"DKIM-Signature:")
+        assert dkim_verify_perl(m.data, dns.port).splitlines()[0] == "pass"
