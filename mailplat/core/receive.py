@@ -41,6 +41,11 @@ RECIPIENT_SOURCES: list[Callable] = []
 # fn(job, rcpts_without_mailbox) run inside the delivery write transaction, once per job (on its
 # first pass): routes/lists turn it into their own work rows in the same commit.
 JOB_HANDLERS: list[Callable] = []
+# fn(job, rcpt) -> bytes | None, inside the delivery transaction: header lines to prepend to
+# this recipient's copy (spam tags), or None to not file it (blocked as spam).
+DELIVERY_FILTERS: list[Callable] = []
+# async fn(ctx) run before each delivery pass, outside any transaction (the spam check).
+PRE_DELIVERY: list[Callable] = []
 _wake: asyncio.Event | None = None
 
 
@@ -185,12 +190,23 @@ def _deliver_batch(now: float, hostname: str, is_postgres: bool) -> tuple[int, s
         data = received_header(hostname, job) + bytes(blob.data)
         sha = mailboxes.put_blob_sync(data)
         done = list(job.done_rcpts or [])
-        pending, orphans, full = [], [], []
+        orphans, full = [], []
         for rcpt in job.rcpt_tos:
             if rcpt in done:
                 continue
+            prefix = b""
+            for filt in DELIVERY_FILTERS:
+                extra = filt(job, rcpt)
+                prefix = None if extra is None or prefix is None else prefix + extra
+            if prefix is None:
+                done.append(rcpt)
+                continue
             try:
-                fid = mailboxes.deliver_sync(rcpt, sha, len(data), job.received_at)
+                if prefix:
+                    tagged = data[:len(data) - len(blob.data)] + prefix + bytes(blob.data)
+                    fid = mailboxes.deliver_sync(rcpt, mailboxes.put_blob_sync(tagged), len(tagged), job.received_at)
+                else:
+                    fid = mailboxes.deliver_sync(rcpt, sha, len(data), job.received_at)
             except mailboxes.OverQuota:
                 full.append(rcpt)
                 continue
@@ -229,6 +245,8 @@ async def deliver_due(ctx) -> int:
     if ctx.clock() - _last_purge > 600:
         _last_purge = ctx.clock()
         await ctx.store.write(_purge_sync, ctx.clock() - KEEP_DONE_SECONDS)
+    for pre in PRE_DELIVERY:
+        await pre(ctx)
     total = 0
     while True:
         n, folders = await ctx.store.write(_deliver_batch, ctx.clock(), ctx.config.server.hostname,
@@ -265,3 +283,5 @@ async def run_inbound_worker(ctx, stopping: asyncio.Event) -> None:
             pass
     _wake = None
 
+
+from . import routejobs as _routejobs  # noqa: E402,F401 - routes, lists and spam register their hooks
