@@ -23,6 +23,9 @@ VIEW_MODULES = [
     "autoconfig",
     "messages",
     "events",
+    "routes",
+    "lists",
+    "stored_messages",
 ]
 
 CTX = web.AppKey("ctx", Context)

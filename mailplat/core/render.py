@@ -122,13 +122,18 @@ def for_recipient(message: Message, raw: bytes, recipient: str, extra: dict | No
     spec, display = _recipient_spec(msg, recipient)
     first, _, last = display.partition(" ")
     values = {"recipient": spec, "recipient_fname": first, "recipient_lname": last, **(extra or {})}
+    # A mailing-list copy (core.lists): the member's name, unsubscribe link and address, and
+    # List-Unsubscribe headers (RFC 8058) to add; To keeps showing the list.
+    listing = vars_.get("%list") if isinstance(vars_.get("%list"), dict) else None
+    if listing:
+        values.update(listing.get("values") or {})
 
     # Headers: substitute values; To shows only this recipient.
     new_headers = []
     to_done = False
     for name, value in msg.items():
         lname = name.lower()
-        if lname == "to":
+        if lname == "to" and not listing:
             if not to_done:
                 new_headers.append((name, _encode_header(name, spec)))
                 to_done = True
@@ -139,8 +144,12 @@ def for_recipient(message: Message, raw: bytes, recipient: str, extra: dict | No
             if new != text:
                 value = _encode_header(name, new)
         new_headers.append((name, value))
-    if not to_done:
+    if not to_done and not listing:
         new_headers.append(("To", _encode_header("To", spec)))
+    if listing:
+        present = {n.lower() for n, _ in new_headers}
+        new_headers.extend((n, _encode_header(n, v)) for n, v in listing.get("headers") or []
+                           if n.lower() not in present)
     msg._headers = [(n, v) for n, v in new_headers]  # compat32 keeps headers as this list
 
     # Text and html parts (not attachments).

@@ -21,7 +21,18 @@ from . import compose, events, suppressions
 from .compose import Addr, Attachment
 from .options import Options, check_variables_size
 
-__all__ = ["Attachment", "SendRequest", "SendResult", "submit", "MAX_RECIPIENTS"]
+__all__ = ["Attachment", "SendRequest", "SendResult", "submit", "MAX_RECIPIENTS",
+           "register_recipient_expander"]
+
+# async fn(ctx, domain, recipients, source) -> (recipients, recipient_variables) | None: turns
+# an address into several envelope recipients (core.lists: a list into its members), each with
+# its own recipient variables.  The body is still stored once.
+RECIPIENT_EXPANDERS: list = []
+
+
+def register_recipient_expander(fn) -> None:
+    if fn not in RECIPIENT_EXPANDERS:
+        RECIPIENT_EXPANDERS.append(fn)
 
 MAX_RECIPIENTS = 1000
 DEFAULT_MAX_BYTES = 25 * 1024 * 1024
@@ -260,6 +271,13 @@ async def submit(ctx, req: SendRequest, principal=None) -> SendResult:
         # Batch sending: each recipient gets its own copy, keyed by the envelope address.
         lower = {str(k).lower(): v for k, v in req.recipient_variables.items()}
         recipient_variables = {r: lower.get(r.lower(), {}) for r in prep.recipients}
+    for expand in RECIPIENT_EXPANDERS:
+        expanded = await expand(ctx, domain, prep.recipients, req.source)
+        if expanded is not None:
+            prep.recipients, extra_vars = expanded
+            recipient_variables = {**{r: {} for r in prep.recipients}, **recipient_variables, **extra_vars}
+            if not prep.recipients:
+                raise InputError("The mailing list has no subscribed members")
     await ctx.store.write(_store, domain, req.source, prep, sha, opts.as_stored(), list(opts.tags),
                           list(opts.campaigns), dict(req.user_variables), recipient_variables,
                           next_attempt_at, now, ctx.clock)
@@ -269,3 +287,6 @@ async def submit(ctx, req: SendRequest, principal=None) -> SendResult:
 def addr_list(values) -> list[Addr]:
     """Parse address-list strings the way submit() does (for adapters that need it early)."""
     return compose.parse_addresses(values, "to")
+
+
+from . import lists as _lists  # noqa: E402,F401 - registers the mailing-list expander

@@ -1,11 +1,16 @@
-"""The hooks service: signed webhook and route-forward deliveries from the outbox.
+"""The hooks service: the route/list worker and the outbox poster.
 
-Nothing is queued for it yet (webhooks and routes arrive with their issues), so it starts and
-stops cleanly and binds no port.
+Runs core.routejobs (inbound messages through routes, lists and spam verdicts) and the outbox
+(signed HTTP posts with retries: route forward(), store(notify=), webhooks later) until
+stopped; stop() lets the current pass finish.  Binds no port.
 """
 from __future__ import annotations
 
+import asyncio
+
+from ..core import routejobs
 from ..core.context import Context
+from . import outbox
 
 
 class HooksService:
@@ -13,12 +18,23 @@ class HooksService:
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
+        self.stopping = asyncio.Event()
+        self.tasks: list[asyncio.Task] = []
 
     async def start(self) -> dict[str, int]:
+        routejobs.OUTBOX_WAKERS.append(outbox.wake)
+        self.tasks = [asyncio.create_task(routejobs.run(self.ctx, self.stopping), name="route-worker"),
+                      asyncio.create_task(outbox.run(self.ctx, self.stopping), name="outbox-poster")]
         return {}
 
     async def stop(self) -> None:
-        return None
+        self.stopping.set()
+        routejobs.wake()
+        outbox.wake()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        if outbox.wake in routejobs.OUTBOX_WAKERS:
+            routejobs.OUTBOX_WAKERS.remove(outbox.wake)
 
 
 def create(ctx: Context) -> HooksService:

@@ -69,6 +69,7 @@ class RouteJob(BaseModel):
     size = pw.BigIntegerField()
     mail_from = pw.CharField(max_length=320, default="")
     rcpt_tos = JSONField(default=list)
+    peer = pw.CharField(max_length=64, default="")
     received_at = pw.FloatField(default=time.time)
     state = pw.CharField(max_length=16, default="queued")  # queued | done | failed
     attempts = pw.IntegerField(default=0)

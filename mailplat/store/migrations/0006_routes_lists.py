@@ -64,6 +64,7 @@ def up(migrator, db):
         size = BigIntegerField()
         mail_from = CharField(max_length=320, default='')
         rcpt_tos = TextField(default='[]')
+        peer = CharField(max_length=64, default='')
         received_at = FloatField(default=time.time)
         state = CharField(max_length=16, default='queued')
         attempts = IntegerField(default=0)
