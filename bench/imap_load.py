@@ -9,7 +9,7 @@ side by side in the same run.  Every tagged response must be OK: any NO/BAD is c
 protocol error and printed.
 
     .venv/bin/python bench/imap_load.py [--sessions 10] [--seconds 20] [--messages 50]
-                                         [--big 100000] [--dovecot]
+                                         [--big 100000] [--idle 20] [--dovecot]
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def fill(port: int, users: list[str], messages: int):
 
 def mailplat_bench(args) -> tuple[dict, int]:
     data_dir = Path(tempfile.mkdtemp(prefix="imapbench-"))
-    srv = start_server(data_dir, services=["api", "mailaccess"])
+    srv = start_server(data_dir, services=["api", "smtpd", "mailaccess"])
     try:
         domain = "bench.example"
         srv.api("POST", "/v3/domains", data={"name": domain}).raise_for_status()
@@ -146,12 +146,47 @@ def mailplat_bench(args) -> tuple[dict, int]:
             users.append(u)
         fill(srv.ports["imap"], users, args.messages)
         res = run_load("mailplat", srv.ports["imap"], users, args.seconds, srv.proc.pid)
+        if args.idle:
+            idle_latency(srv, domain, args.idle)
         if args.big:
             big_mailbox(srv, domain, args.big)
         return res, srv.proc.pid
     finally:
         srv.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def idle_latency(srv, domain: str, rounds: int):
+    """Seconds from the MX's 250 to `* n EXISTS` in an IDLE session (the services in one process)."""
+    import smtplib
+    u = f"idle@{domain}"
+    srv.api("POST", f"/v3/{domain}/mailboxes", data={"mailbox": u, "password": PASSWORD}).raise_for_status()
+    sock = socket.create_connection(("127.0.0.1", srv.ports["imap"]), timeout=10)
+    f = sock.makefile("rb")
+    f.readline()
+
+    def cmd(tag: bytes, text: bytes):
+        sock.sendall(tag + b" " + text + b"\r\n")
+        while not f.readline().startswith(tag + b" "):
+            pass
+
+    cmd(b"a", f'LOGIN "{u}" "{PASSWORD}"'.encode())
+    cmd(b"b", b"SELECT INBOX")
+    sock.sendall(b"c IDLE\r\n")
+    f.readline()
+    lat = []
+    with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=30) as s:
+        for i in range(rounds):
+            s.sendmail("x@far.example", [u], MSG % i)
+            t0 = time.monotonic()
+            while not f.readline().endswith(b"EXISTS\r\n"):
+                pass
+            lat.append(time.monotonic() - t0)
+    sock.sendall(b"DONE\r\n")
+    sock.close()
+    lat.sort()
+    print(f"IDLE push after SMTP 250: {rounds} messages, median {1000 * lat[len(lat) // 2]:.0f} ms, "
+          f"max {1000 * lat[-1]:.0f} ms")
 
 
 def big_mailbox(srv, domain: str, count: int):
@@ -282,6 +317,7 @@ def main():
     ap.add_argument("--messages", type=int, default=50)
     ap.add_argument("--big", type=int, default=0)
     ap.add_argument("--dovecot", action="store_true")
+    ap.add_argument("--idle", type=int, default=20, help="IDLE push rounds (0: skip)")
     args = ap.parse_args()
     ours, _ = mailplat_bench(args)
     if args.dovecot:
