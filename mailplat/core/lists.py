@@ -39,6 +39,21 @@ class AlreadyExists(InputError):
 
 
 # -- helpers -----------------------------------------------------------------------------------------
+def api_base(ctx) -> str:
+    """The API's absolute base URL for links made outside a request (unsubscribe links, stored
+    message URLs): api.public_url, else this host's bound API port (this process, or the
+    ports.json the supervisor writes), else the configured one."""
+    if ctx.config.api.public_url:
+        return ctx.config.api.public_url.rstrip("/")
+    port = ctx.ports.get("api")
+    if not port:
+        try:
+            port = json.loads((ctx.config.data_dir / "ports.json").read_text()).get("api")
+        except (OSError, ValueError, AttributeError):
+            port = None
+    return f"http://{ctx.config.server.bind}:{port or ctx.config.api.port}"
+
+
 def normalize_address(value, field: str = "address") -> str:
     if not isinstance(value, str) or not value.strip():
         raise InputError(f"'{field}' parameter is missing")
@@ -469,7 +484,7 @@ async def expand(ctx, domain: str, recipients: list[str], source: str):
     if not await ctx.store.read(lambda: MailingList.select(MailingList.id)
                                 .where(MailingList.address.in_(lowered)).exists()):
         return None
-    return await ctx.store.write(_expand_sync, list(recipients), ctx.config.api_base_url)
+    return await ctx.store.write(_expand_sync, list(recipients), api_base(ctx))
 
 
 send.register_recipient_expander(expand)

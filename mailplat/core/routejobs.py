@@ -18,6 +18,7 @@ import email.parser
 import os
 import secrets
 import socket
+from types import SimpleNamespace
 from email import policy
 
 from .. import logs
@@ -122,7 +123,7 @@ def _claim(now: float, is_postgres: bool) -> list[dict]:
         return []
     RouteJob.update(lease_owner=OWNER, lease_until=now + 600).where(RouteJob.id.in_(ids)).execute()
     return [{"id": j.id, "inbound_job": j.inbound_job, "blob": j.blob, "mail_from": j.mail_from,
-             "rcpt_tos": list(j.rcpt_tos), "peer": j.peer, "done": set(j.done_steps or []),
+             "rcpt_tos": list(j.rcpt_tos), "peer": j.peer, "received_at": j.received_at, "done": set(j.done_steps or []),
              "attempts": j.attempts} for j in RouteJob.select().where(RouteJob.id.in_(ids))]
 
 
@@ -188,7 +189,8 @@ def _reject_event_sync(domain: str, rcpt: str, mail_from: str, subject: str, rea
 
 
 async def process(ctx, data: dict) -> None:
-    raw = await ctx.store.read(blobs.get_sync, data["blob"])
+    trace = SimpleNamespace(peer=data["peer"], received_at=data["received_at"], id=data["inbound_job"])
+    raw = receive.received_header(ctx.config.server.hostname, trace) + await ctx.store.read(blobs.get_sync, data["blob"])
     headers_msg = email.parser.BytesHeaderParser(policy=policy.compat32).parsebytes(raw[:262144])
     headers = [(n, str(v)) for n, v in headers_msg.items()]
     subject = str(headers_msg.get("Subject", ""))[:998]
@@ -297,7 +299,7 @@ async def _store(ctx, key: str, domain: str, notify: str, body: bytes, rcpt: str
                              recipient=rcpt[:320], created_at=now, expires_at=now + days * 86400)
     await ctx.store.write(write)
     if notify:
-        url = f"{ctx.config.api_base_url}/v3/domains/{domain}/messages/{skey}"
+        url = f"{lists.api_base(ctx)}/v3/domains/{domain}/messages/{skey}"
         await _post(ctx, key, "notify", domain, notify, body, rcpt, mail_from, [("message-url", url)])
 
 

@@ -28,12 +28,12 @@ async def load(ctx, domain: str, key: str) -> tuple[StoredMessage, bytes]:
     return await ctx.store.read(read)
 
 
-async def as_json(ctx, domain: str, key: str) -> dict:
+async def as_json(ctx, domain: str, key: str, base_url: str) -> dict:
     row, raw = await load(ctx, domain, key)
     fields, files, cid_map, headers = await asyncio.to_thread(forward.parsed, raw, row.recipient, row.sender)
     out = {k: v for k, v in fields if k != "recipient"}
     out["recipients"] = row.recipient
-    base = f"{ctx.config.api_base_url}/v3/domains/{domain.lower()}/messages/{key}/attachments"
+    base = f"{base_url}/v3/domains/{domain.lower()}/messages/{key}/attachments"
     atts = []
     by_field = {}
     for i, (fname, filename, ctype, data) in enumerate(files):

@@ -21,7 +21,9 @@ def _dict(form) -> dict:
 
 def setup(app: web.Application, ctx: Context) -> None:
     max_bytes = ctx.config.api.max_request_bytes
-    base_url = ctx.config.api_base_url
+
+    def base(request) -> str:
+        return ctx.config.api.public_url.rstrip("/") or f"{request.scheme}://{request.host}"
 
     def _subscribed(form):
         return form.bool("subscribed", None)
@@ -36,7 +38,7 @@ def setup(app: web.Application, ctx: Context) -> None:
 
     async def pages(request):
         form = query(request)
-        return json_response(await lists.list_pages(ctx, base_url, form.int("limit", 100, lo=1, hi=1000),
+        return json_response(await lists.list_pages(ctx, base(request), form.int("limit", 100, lo=1, hi=1000),
                                                     form.str("page", "first"), form.str("address", "")))
 
     async def get(request):
@@ -57,7 +59,7 @@ def setup(app: web.Application, ctx: Context) -> None:
 
     async def member_pages(request):
         form = query(request)
-        return json_response(await lists.member_pages(ctx, base_url, request.match_info["address"],
+        return json_response(await lists.member_pages(ctx, base(request), request.match_info["address"],
                                                        form.int("limit", 100, lo=1, hi=1000),
                                                        form.str("page", "first"), form.str("address", ""),
                                                        _subscribed(form)))

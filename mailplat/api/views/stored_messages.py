@@ -20,7 +20,9 @@ def setup(app: web.Application, ctx: Context) -> None:
         request["principal"].require_sending(domain.lower())
         if "message/rfc2822" in request.headers.get("Accept", ""):
             return json_response(await stored.as_mime(ctx, domain, key))
-        return json_response(await stored.as_json(ctx, domain, key))
+        public = ctx.config.api.public_url.rstrip("/")
+        base = public or f"{request.scheme}://{request.host}"
+        return json_response(await stored.as_json(ctx, domain, key, base))
 
     @sending
     async def resend(request: web.Request) -> web.Response:
