@@ -74,9 +74,10 @@ def initialise(data_dir: Path, config_path: Path | None = None, overrides: dict 
         text = configmod.render_toml(base)
         config_path.write_text(text)
         os.chmod(config_path, 0o600)
-    cfg = configmod.load(config_path, data_dir, extra=overrides)
-    if overrides:  # keep flag values for later runs
-        config_path.write_text(configmod.render_toml(cfg))
+    if overrides:  # keep flag values for later runs (env overrides stay transient)
+        kept = configmod.load(config_path, data_dir, env={}, extra=overrides)
+        config_path.write_text(configmod.render_toml(kept))
+    cfg = configmod.load(config_path, data_dir)
     if not cfg.tls.cert and not cfg.tls_cert.exists():
         make_self_signed(cfg.tls_cert, cfg.tls_key, cfg.server.hostname)
     store = _open_store(cfg)

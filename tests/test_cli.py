@@ -12,6 +12,7 @@ import tomllib
 import pytest
 from cryptography import x509
 
+from mailplat.config import ApiConfig
 from mailplat.core.auth import KEY_CACHE_SECONDS
 from tests.support import MAILPLAT, ROOT, run_cli, serve, wait_for
 
@@ -223,3 +224,14 @@ def test_serve_on_a_fresh_dir_prints_the_key_only_on_the_creating_run(tmp_path):
         assert again.api("GET", "/v1/keys").status_code == 200
     finally:
         assert again.stop() == 0
+
+
+def test_init_keeps_flags_but_not_env_overrides(tmp_path):
+    d = tmp_path / "d"
+    other_db = tmp_path / "elsewhere.db"
+    env = {"MAILPLAT_API_PORT": "6222", "MAILPLAT_DB_URL": f"sqlite:///{other_db}"}
+    run_cli(d, "init", "--hostname", "flag.example.test", "--smtp-port", "6225", env=env)
+    raw = tomllib.loads((d / "mailplat.toml").read_text())
+    assert raw["server"]["hostname"] == "flag.example.test" and raw["smtp"]["mx_port"] == 6225
+    assert raw["api"]["port"] == ApiConfig().port and raw["database"]["url"] == ""
+    assert other_db.exists()  # this run did use the env's store
