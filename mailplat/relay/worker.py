@@ -257,10 +257,20 @@ class Worker:
         try:
             async with self.conn_slots:
                 session: client.Session | None = None
+                ahead: tuple[Job, asyncio.Future] | None = None
                 try:
-                    while self.pending.get(domain):
-                        job = self.pending[domain].popleft()
-                        session = await self._deliver(job, session)
+                    # Pipelined: the next copy is rendered and signed (in a thread) while the
+                    # current one is on the wire; outcomes are written in the background.
+                    while ahead is not None or self.pending.get(domain):
+                        if ahead is None:
+                            job = self.pending[domain].popleft()
+                            prepared = self._prepare_soon(job)
+                        else:
+                            (job, prepared), ahead = ahead, None
+                        if self.pending.get(domain):
+                            nxt = self.pending[domain].popleft()
+                            ahead = (nxt, self._prepare_soon(nxt))
+                        session = await self._deliver(job, prepared, session)
                 finally:
                     if session is not None:
                         await session.close()
@@ -271,14 +281,19 @@ class Worker:
                 if self.dest_tasks[domain] <= 0:
                     self.dest_tasks.pop(domain, None)
 
-    async def _deliver(self, job: Job, session: client.Session | None) -> client.Session | None:
+    def _prepare_soon(self, job: Job) -> asyncio.Future:
+        return asyncio.ensure_future(asyncio.to_thread(_prepare, job))
+
+    async def _deliver(self, job: Job, prepared: asyncio.Future,
+                       session: client.Session | None) -> client.Session | None:
         item = job.item
         with logs.context(queue_id=item.id, message_id=job.message.message_id, recipient=item.recipient):
             if job.raw is None:
+                prepared.cancel()
                 await self._record(job, outcome.Result(code=451, message="4.3.0 Message body missing from the store"))
                 return session
             try:
-                data = await asyncio.to_thread(_prepare, job)
+                data = await prepared
             except Exception as exc:  # noqa: BLE001 - our bug is a temporary failure, never a bounce
                 log.exception("preparing the message failed")
                 await self._record(job, outcome.Result(code=451, message=f"4.3.0 Local error preparing the message: {exc}"))
@@ -302,12 +317,12 @@ class Worker:
             try:
                 accepted = await session.send(job.message.sender, item.recipient, data)
             except client.DeliveryError as exc:
-                await self._record(job, self._error_result(exc))
+                self._spawn(self._record(job, self._error_result(exc)))
                 return session
-            await self._record(job, outcome.Result(
+            self._spawn(self._record(job, outcome.Result(
                 code=accepted.code, message=accepted.message, enhanced=accepted.enhanced,
                 mx_host=accepted.mx_host, tls=accepted.tls, verified=accepted.verified,
-                session_seconds=accepted.session_seconds), delivered=True)
+                session_seconds=accepted.session_seconds), delivered=True))
             return session
 
     async def _fail_destination(self, job: Job, result: outcome.Result) -> None:
