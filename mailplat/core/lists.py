@@ -262,8 +262,7 @@ def _upsert_sync(ml: MailingList, rows: list[dict], upsert: bool, strict: bool, 
                 m.subscribed = r["subscribed"]
             m.save()
     for i in range(0, len(new), 200):
-        ListMember.insert_many([{**n, "vars": json.dumps(n["vars"], sort_keys=True, separators=(",", ":"))}
-                                for n in new[i:i + 200]]).execute()
+        ListMember.insert_many(new[i:i + 200]).execute()
 
 
 async def add_member(ctx, address: str, form: dict) -> dict:
@@ -460,10 +459,7 @@ def _expand_sync(recipients: list[str], base_url: str) -> tuple[list[str], dict]
             url = f"{base_url}/unsubscribe/list/{mid}/{tok}"
             mail = f"unsubscribe-{mid}-{tok}@{ml.domain}"
             first, _, last = (name or "").partition(" ")
-            try:
-                vars_ = json.loads(vars_text) if vars_text else {}
-            except ValueError:
-                vars_ = {}
+            vars_ = dict(vars_text) if isinstance(vars_text, dict) else {}
             vars_[LIST_KEY] = {
                 "values": {"recipient": f"{name} <{addr}>" if name else addr, "recipient_fname": first,
                            "recipient_lname": last, "mailing_list_unsubscribe_url": url,
