@@ -81,6 +81,17 @@ class ConnectionLimits:
         self.count = max(0, self.count - 1)
 
 
+_SLOTS: asyncio.Semaphore | None = None
+HASH_CONCURRENCY = 2
+
+
+def _hash_slots() -> asyncio.Semaphore:
+    global _SLOTS
+    if _SLOTS is None:
+        _SLOTS = asyncio.Semaphore(HASH_CONCURRENCY)
+    return _SLOTS
+
+
 class TemporarilyRefused(Exception):
     pass
 
@@ -96,7 +107,8 @@ async def login(ctx, throttle: LoginThrottle, ip: str, user: str, password: str,
     found = None
     if "@" in address and len(address) <= 320:
         found = await ctx.store.read(mailboxes.login_row_sync, address)
-    ok = await asyncio.to_thread(auth.verify_password, found[0] if found else None, password or "")
+    async with _hash_slots():  # argon2 takes ~64 MiB per verification: bound how many at once
+        ok = await asyncio.to_thread(auth.verify_password, found[0] if found else None, password or "")
     mbid = found[1] if ok and found else None
     if mbid is None:
         delay = throttle.delay(ip)
