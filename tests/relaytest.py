@@ -28,11 +28,14 @@ def dkim_verify_perl(raw: bytes, dns_port: int) -> str:
     with tempfile.NamedTemporaryFile("w", suffix=".pl", delete=False) as fh:
         fh.write(PERL_VERIFY)
     try:
-        out = subprocess.run(["perl", fh.name, "127.0.0.1", str(dns_port)], input=raw,
-                             capture_output=True, timeout=60, check=True).stdout.decode()
+        proc = subprocess.run(["perl", fh.name, "127.0.0.1", str(dns_port)], input=raw,
+                              capture_output=True, timeout=60)
     finally:
         Path(fh.name).unlink()
-    return out.strip()
+    if proc.returncode != 0:
+        raise AssertionError("Mail::DKIM verifier failed (is Debian's libmail-dkim-perl installed?): "
+                             + proc.stderr.decode(errors="replace"))
+    return proc.stdout.decode().strip()
 
 
 def create_domain(server, dns, name: str, **form) -> dict:

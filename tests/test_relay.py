@@ -91,7 +91,11 @@ def test_delivers_with_dkim_that_another_implementation_verifies(env):
     sender = env.domain()
     rdom, _ = env.rcpt_domain(ip)
     rcpt = f"alice@{rdom}"
-    mid = send(env.server.data_dir, sender, [rcpt], subject="DKIM check", text="Line one.\nLine two.\n")
+    r = env.server.api("POST", f"/v3/{sender}/messages",
+                       data={"from": f"Sender <sender@{sender}>", "to": rcpt, "subject": "DKIM check",
+                             "text": "Line one.\nLine two.\n"})
+    assert r.status_code == 200, r.text
+    mid = r.json()["id"].strip("<>")
     got = sink.wait_count(1)[0]
     assert got.rcpt_tos == [rcpt]
     assert got.mail_from == f"sender@{sender}"
@@ -138,7 +142,11 @@ def test_self_signed_target_is_refused_when_tls_is_required(env):
     sink, ip = env.sink(tls_context=self_signed_context(env.tmp, mx))
     point_mx(env.dns, rdom, ip, mx)
     rcpt = f"carol@{rdom}"
-    mid = send(env.server.data_dir, env.domain(), [rcpt], require_tls=True, skip_verification=False)
+    r = env.server.api("POST", f"/v3/{env.domain()}/messages",
+                       data={"from": "x@example.test", "to": rcpt, "subject": "TLS", "text": "t",
+                             "o:require-tls": "yes", "o:skip-verification": "no"})
+    assert r.status_code == 200, r.text
+    mid = r.json()["id"]
     ev = env.wait_event(rcpt, "failed")
     assert ev["severity"] == "temporary"  # a certificate can be fixed: retried until the lifetime ends
     ds = ev["delivery-status"]
@@ -237,7 +245,9 @@ def test_permanent_failure_bounces_and_suppresses_later_sends(env):
     assert "No such user" in rows[0]["error"]
     assert queue_rows(env.db_url, rcpt)[0]["state"] == "failed"
     # A later send to the bounced address is not attempted.
-    send(env.server.data_dir, sender, [rcpt], subject="again")
+    r = env.server.api("POST", f"/v3/{sender}/messages",
+                       data={"from": f"a@{sender}", "to": rcpt, "subject": "again", "text": "t"})
+    assert r.status_code == 200, r.text
     suppressed = env.wait_event(rcpt, "failed", reason="suppress-bounce")
     assert suppressed["severity"] == "permanent"
     assert len(queue_rows(env.db_url, rcpt)) == 1
@@ -297,7 +307,10 @@ def test_test_mode_never_connects(env):
     rdom, _ = env.rcpt_domain(ip)
     rcpt = f"lee@{rdom}"
     before = len(env.dns.queries)
-    send(env.server.data_dir, env.domain(), [rcpt], testmode=True)
+    sender = env.domain()
+    r = env.server.api("POST", f"/v3/{sender}/messages",
+                       data={"from": f"a@{sender}", "to": rcpt, "subject": "t", "text": "t", "o:testmode": "yes"})
+    assert r.status_code == 200, r.text
     ev = env.wait_event(rcpt, "delivered")
     assert ev["flags"]["is-test-mode"] is True
     assert sink.count() == 0 and sink.data_commands == 0
@@ -345,3 +358,27 @@ def test_queue_cli_hold_release_show_list(env):
     assert sink.wait_count(1)[0].rcpt_tos == [rcpt]
     bad = env.server.cli("queue", "show", "nosuch@id", check=False)
     assert bad.returncode == 1 and "no queued message" in bad.stderr
+
+
+def test_sdk_batch_send_each_recipient_gets_its_own_signed_copy(env):
+    from mailgun.client import Client
+    sink, ip = env.sink()
+    sender = env.domain()
+    rdom, _ = env.rcpt_domain(ip)
+    a, b = f"ann@{rdom}", f"ben@{rdom}"
+    with Client(auth=("api", env.server.key), api_url=env.server.url) as client:
+        r = client.messages.create(domain=sender, data={
+            "from": f"Shop <shop@{sender}>", "to": [a, b], "subject": "Hello %recipient.first%",
+            "text": "Dear %recipient.first%, your code is %recipient.code%.\n",
+            "recipient-variables": f'{{"{a}": {{"first": "Ann", "code": "A1"}}, "{b}": {{"first": "Ben", "code": "B2"}}}}'})
+    assert r.status_code == 200, r.text
+    sink.wait_count(2)
+    for rcpt, first, code in ((a, "Ann", "A1"), (b, "Ben", "B2")):
+        got = sink.to(rcpt)
+        assert len(got) == 1 and got[0].rcpt_tos == [rcpt]
+        data = got[0].data
+        assert f"Dear {first}, your code is {code}.".encode() in data
+        assert f"Subject: Hello {first}".encode() in data
+        other = b if rcpt == a else a
+        assert other.encode() not in data  # each copy shows only its own recipient
+        assert dkim_verify_perl(data, env.dns.port).splitlines()[0] == "pass"
