@@ -9,6 +9,12 @@ also the back-pressure), STARTTLS with buffered plaintext dropped, LOGINDISABLED
 non-mailbox commands (CAPABILITY, NOOP, LOGOUT, ID, ENABLE, NAMESPACE).  Mailbox commands live
 in imapcmds.py; meaning lives in core.mailboxes; store calls run in threads via the store's
 async API, so the reactor never blocks.
+
+Built on Twisted's LineReceiver, transports and TLS rather than twisted.mail.imap4.IMAP4Server:
+that class calls its mailbox synchronously in many places (CREATE/DELETE/RENAME, FETCH message
+objects), rewrites headers on BODY[HEADER] (not byte-exact), parses nested lists recursively,
+dispatches pipelined commands concurrently and knows no LITERAL+, so it would have been
+replaced method by method anyway.
 """
 from __future__ import annotations
 
