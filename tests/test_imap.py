@@ -141,6 +141,9 @@ def test_special_use_folders_and_names(server, addr):
                       (b"Junk", b"\\Junk"), (b"Archive", b"\\Archive")):
         assert use in listed[name]
     assert b"INBOX" in listed
+    typ, lines = m._simple_command("LIST", "(SPECIAL-USE)", '""', "*")
+    special = m.untagged_responses.pop("LIST")
+    assert typ == "OK" and len(special) == 5 and not any(b'"INBOX"' in ln for ln in special)
     odd = ["Entw&APw-rfe", "&ZeVnLIqe-", "a b", "Proj/Sub &- more"]
     for name in odd:
         assert m.create(f'"{name}"')[0] == "OK", name

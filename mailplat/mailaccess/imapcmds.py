@@ -202,7 +202,11 @@ class Commands:
 
     async def c_list(self, tag, args, lsub=False):
         word = b"LSUB" if lsub else b"LIST"
-        if args and isinstance(args[0], list):  # LIST-EXTENDED selection options: ignored
+        only_special = subscribed_only = False
+        if args and isinstance(args[0], list):  # RFC 6154/5258 selection options
+            opts = {bytes(a).upper() for a in args[0] if isinstance(a, Atom)}
+            only_special = b"SPECIAL-USE" in opts
+            subscribed_only = b"SUBSCRIBED" in opts
             args = args[1:]
         if len(args) >= 4 and isinstance(args[2], Atom) and args[2].upper() == b"RETURN":
             args = args[:2]
@@ -222,7 +226,9 @@ class Commands:
             if pattern.upper().startswith("INBOX") and f.name == "INBOX":
                 match_name = "INBOX"
                 pattern = "INBOX" + pattern[5:]
-            if not _match(pattern, match_name) or (lsub and not f.subscribed):
+            if not _match(pattern, match_name) or ((lsub or subscribed_only) and not f.subscribed):
+                continue
+            if only_special and not f.special_use:
                 continue
             attrs = [b"\\HasChildren" if f.has_children else b"\\HasNoChildren"]
             if f.special_use:
