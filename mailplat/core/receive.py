@@ -41,9 +41,11 @@ RECIPIENT_SOURCES: list[Callable] = []
 # fn(job, rcpts_without_mailbox) run inside the delivery write transaction, once per job (on its
 # first pass): routes/lists turn it into their own work rows in the same commit.
 JOB_HANDLERS: list[Callable] = []
-# fn(job, rcpt) -> bytes | None, inside the delivery transaction: header lines to prepend to
-# this recipient's copy (spam tags), or None to not file it (blocked as spam).
+# fn(job, rcpt) -> bytes | None | DEFER, inside the delivery transaction: header lines to
+# prepend to this recipient's copy (spam tags), None to not file it (blocked as spam), or DEFER
+# to file it on the next pass (its spam verdict is not in yet).
 DELIVERY_FILTERS: list[Callable] = []
+DEFER = object()
 # async fn(ctx) run before each delivery pass, outside any transaction (the spam check).
 PRE_DELIVERY: list[Callable] = []
 _wake: asyncio.Event | None = None
@@ -190,14 +192,19 @@ def _deliver_batch(now: float, hostname: str, is_postgres: bool) -> tuple[int, s
         data = received_header(hostname, job) + bytes(blob.data)
         sha = mailboxes.put_blob_sync(data)
         done = list(job.done_rcpts or [])
-        orphans, full = [], []
+        orphans, full, deferred = [], [], []
         for rcpt in job.rcpt_tos:
             if rcpt in done:
                 continue
             prefix = b""
             for filt in DELIVERY_FILTERS:
                 extra = filt(job, rcpt)
+                if extra is DEFER:
+                    deferred.append(rcpt)
+                    break
                 prefix = None if extra is None or prefix is None else prefix + extra
+            if deferred and deferred[-1] == rcpt:
+                continue
             if prefix is None:
                 done.append(rcpt)
                 continue
@@ -228,6 +235,8 @@ def _deliver_batch(now: float, hostname: str, is_postgres: bool) -> tuple[int, s
             else:
                 delay = RETRY_SECONDS[min(job.attempts - 1, len(RETRY_SECONDS) - 1)]
                 job.next_attempt_at, job.last_error = now + delay, "mailbox full"
+        elif deferred:
+            job.next_attempt_at = now
         else:
             job.state = "done"
         job.save()

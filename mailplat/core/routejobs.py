@@ -18,6 +18,7 @@ import email.parser
 import os
 import secrets
 import socket
+import time
 from types import SimpleNamespace
 from email import policy
 
@@ -35,6 +36,7 @@ OWNER = f"{socket.gethostname()}:{os.getpid()}"
 CLAIM = 20
 RETRY_SECONDS = (30.0, 120.0, 600.0, 1800.0, 3600.0)
 MAX_ATTEMPTS = 12
+DEFER_SECONDS = 300.0  # past this, a message with no spam verdict is filed as unchecked
 _wake: asyncio.Event | None = None
 
 
@@ -67,6 +69,8 @@ def spam_filter_sync(job, rcpt: str):
     if action not in ("tag", "block"):
         return b""
     row = SpamVerdict.get_or_none(SpamVerdict.inbound_job == job.id)
+    if row is None and time.time() - job.received_at < DEFER_SECONDS:
+        return receive.DEFER  # committed after this pass's spam check: filed on the next pass
     verdict = spam.Verdict(row.checked, row.is_spam, row.score, row.spf) if row else spam.Verdict(False)
     if action == "block" and verdict.is_spam:
         _reject_event_sync(domain, rcpt, job.mail_from or "", "", f"spam (score {verdict.score:.1f})",
@@ -77,8 +81,7 @@ def spam_filter_sync(job, rcpt: str):
 
 def _unchecked_jobs_sync(now: float) -> list[dict]:
     out = []
-    q = (InboundJob.select().where((InboundJob.state == "queued") & (InboundJob.attempts == 0)
-                                   & (InboundJob.next_attempt_at <= now))
+    q = (InboundJob.select().where((InboundJob.state == "queued") & (InboundJob.next_attempt_at <= now))
          .order_by(InboundJob.id).limit(50))
     for job in q:
         if SpamVerdict.get_or_none(SpamVerdict.inbound_job == job.id) is not None:
