@@ -4,6 +4,7 @@ Mail::DKIM (libmail-dkim-perl), an implementation independent of the dkimpy that
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -129,3 +130,18 @@ def queue_rows(db_url: str, recipient: str | None = None) -> list[dict]:
 def bounces(db_url: str, domain: str) -> list[dict]:
     from mailplat.store.models import Bounce
     return _with_store(db_url, lambda: list(Bounce.select().where(Bounce.domain == domain).dicts()))
+
+
+def start_relay(data_dir: Path, log_path: Path) -> subprocess.Popen:
+    """Another `mailplat serve relay` process on the same config (and so the same store)."""
+    from tests.support import MAILPLAT, ROOT, wait_for
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(MAILPLAT + ["serve", "--data-dir", str(data_dir), "relay"], stdout=log,
+                            stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ))
+
+    def started():
+        if proc.poll() is not None:
+            raise RuntimeError(f"relay exited {proc.returncode}: {log_path.read_text()}")
+        return "relay started" in log_path.read_text()
+    wait_for(started, timeout=60, what="the second relay to start")
+    return proc

@@ -54,3 +54,41 @@ def test_kill_9_mid_delivery_then_restart_delivers_everything(tmp_path, dns_serv
     finally:
         server.stop()
         sink.stop()
+
+
+def test_slow_delivery_keeps_its_lease_so_a_second_relay_never_sends_it_too(tmp_path, dns_server):
+    """A remote MX that takes longer than the lease: the relay renews the lease of rows it
+    holds, so the other relay process sharing the store does not claim and send them again."""
+    from tests.relaytest import start_relay
+    sink = SmtpSink().start()
+    lease = 1.5
+    sets = dns_sets(dns_server) + ["relay.allow_private_mx=true", f"relay.remote_port={sink.port}",
+                                   "relay.retry_schedule=0.5", f"relay.lease_seconds={lease}"]
+    server = start_server(tmp_path / "data", sets=sets)
+    second = start_relay(server.data_dir, tmp_path / "relay2.log")
+    try:
+        sender = f"s{uuid.uuid4().hex[:8]}.example.test"
+        create_domain(server, dns_server, sender)
+        rdom = f"r{uuid.uuid4().hex[:8]}.example.test"
+        point_mx(dns_server, rdom, "127.0.0.1")
+        rcpts = [f"slow{i}@{rdom}" for i in range(6)]
+        sink.stall_data()
+        send(server.data_dir, sender, rcpts)
+        wait_for(lambda: len(sink.stalled_sessions) >= 1, timeout=20, what="a delivery stuck in DATA")
+        db = db_url_of(server.data_dir)
+        first = {r["id"]: r["lease_until"] for r in queue_rows(db) if r["lease_owner"]}
+        assert first
+        # Wait (on the store, not the clock) until those leases were renewed well past 2 lease periods.
+        wait_for(lambda: all((r["lease_until"] or 0) > first[r["id"]] + 2 * lease
+                             for r in queue_rows(db) if r["id"] in first and r["state"] == "queued"),
+                 timeout=20, interval=0.1, what="lease renewals")
+        sink.unstall()
+        wait_for(lambda: all(r["state"] == "delivered" for r in queue_rows(db)), timeout=30,
+                 what="every row delivered")
+        per_rcpt = collections.Counter(r for m in sink.messages for r in m.rcpt_tos)
+        assert per_rcpt == {r: 1 for r in rcpts}
+    finally:
+        second.terminate()
+        second.wait(30)
+        server.stop()
+        sink.stop()

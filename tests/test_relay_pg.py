@@ -3,34 +3,18 @@ once (FOR UPDATE SKIP LOCKED claims with leases; LISTEN/NOTIFY wakes both)."""
 from __future__ import annotations
 
 import collections
-import os
-import subprocess
 import uuid
 
 import pytest
 
 from tests.conftest import PG_BASE, dns_sets
-from tests.relaytest import create_domain, events, point_mx, queue_rows, send
+from tests.relaytest import create_domain, events, point_mx, queue_rows, send, start_relay
 from tests.smtpsink import SmtpSink
-from tests.support import MAILPLAT, ROOT, pg_database, start_server, wait_for
+from tests.support import pg_database, start_server, wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(300),
               pytest.mark.skipif(not PG_BASE, reason="MAILPLAT_TEST_PG is not set")]
 N = 1000
-
-
-def start_relay(data_dir, log_path) -> subprocess.Popen:
-    """A second `mailplat serve relay` process on the same config (and so the same store)."""
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(MAILPLAT + ["serve", "--data-dir", str(data_dir), "relay"], stdout=log,
-                            stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ))
-
-    def started():
-        if proc.poll() is not None:
-            raise RuntimeError(f"relay exited {proc.returncode}: {log_path.read_text()}")
-        return "relay started" in log_path.read_text()
-    wait_for(started, timeout=60, what="the second relay to start")
-    return proc
 
 
 def notify(db_url: str) -> None:

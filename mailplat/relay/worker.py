@@ -136,6 +136,7 @@ class Worker:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.listener: queue.Listener | None = None
         self.dispatcher: asyncio.Task | None = None
+        self.renewer: asyncio.Task | None = None
         self.delivered = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -146,6 +147,7 @@ class Worker:
             self.listener = queue.Listener(self.ctx.store.url, self._wake_threadsafe)
             self.listener.start()
         self.dispatcher = asyncio.create_task(self._dispatch(), name="relay-dispatch")
+        self.renewer = asyncio.create_task(self._renew_leases(), name="relay-leases")
         logs.event(log, "relay started", owner=self.owner, workers=self.cfg.workers,
                    per_destination=self.cfg.per_destination)
 
@@ -157,6 +159,9 @@ class Worker:
             await asyncio.to_thread(self.listener.stop)
         if self.dispatcher:
             await self.dispatcher
+        if self.renewer:
+            self.renewer.cancel()
+            await asyncio.gather(self.renewer, return_exceptions=True)
         not_started = [job.item.id for jobs in self.pending.values() for job in jobs]
         for jobs in self.pending.values():
             jobs.clear()
@@ -172,6 +177,32 @@ class Worker:
                 await asyncio.wait(still, timeout=5)
                 log.warning("relay stopped with %d deliveries unfinished (their leases will expire)", len(still))
         logs.event(log, "relay stopped", owner=self.owner, released=len(not_started))
+
+    async def _renew_leases(self) -> None:
+        """Keep the leases of rows in hand (waiting or being delivered) from running out, so a
+        slow destination never lets another relay claim a row this one will still send.  A
+        row whose lease was lost anyway (say the store was unreachable for a lease period) is
+        dropped from the waiting lists: its new owner delivers it."""
+        period = max(0.2, self.cfg.lease_seconds / 3)
+        while not self.stopping:
+            await asyncio.sleep(period)
+            ids = list(self.inflight)
+            if not ids:
+                continue
+            try:
+                held = await self.ctx.store.write(queue.renew_sync, self.owner, ids,
+                                                  self.clock() + self.cfg.lease_seconds)
+            except Exception:  # noqa: BLE001 - try again next period
+                log.exception("renewing leases failed")
+                continue
+            lost = set(ids) - held
+            if not lost:
+                continue
+            for domain, jobs in list(self.pending.items()):
+                for job in [j for j in jobs if j.item.id in lost]:
+                    jobs.remove(job)
+                    self._done(job)
+                    log.warning("lease on queue row %s lost before delivery; left to its new owner", job.item.id)
 
     def _wake_threadsafe(self) -> None:
         loop = self.loop

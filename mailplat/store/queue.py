@@ -156,6 +156,20 @@ def finish_sync(item_id: int, owner: str, *, state: str, now: float, next_attemp
     return QueueItem.update(values).where(cond).execute() > 0
 
 
+def renew_sync(owner: str, ids: Iterable[int], until: float) -> set[int]:
+    """Extend this worker's leases on `ids`; returns the ids it still holds."""
+    ids = list(ids)
+    held: set[int] = set()
+    for i in range(0, len(ids), 500):
+        chunk = ids[i:i + 500]
+        (QueueItem.update(lease_until=until)
+         .where(QueueItem.id.in_(chunk) & (QueueItem.lease_owner == owner) & (QueueItem.state == "queued"))
+         .execute())
+        held.update(r for (r,) in QueueItem.select(QueueItem.id).where(
+            QueueItem.id.in_(chunk) & (QueueItem.lease_owner == owner) & (QueueItem.state == "queued")).tuples())
+    return held
+
+
 def release_sync(owner: str, ids: Iterable[int]) -> int:
     """Give back leases on rows this worker claimed but did not start."""
     ids = list(ids)
