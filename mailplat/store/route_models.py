@@ -7,7 +7,7 @@ expiry), RouteJob (one inbound message handed from core.receive's worker to the 
 worker, with the steps already done so a retry never repeats one), SpamVerdict (spamd's answer
 for one inbound job), OutboxItem (one HTTP POST the hooks service owes: url, body bytes,
 content type, headers, attempts, next attempt, lease) and SigningKey.
-Migration 0006_routes_lists builds them; the lead lists ROUTE_MODELS in models.ALL_MODELS.
+Migration 0006_routes_lists builds them; importing this module adds them to models.ALL_MODELS.
 """
 from __future__ import annotations
 
@@ -121,3 +121,7 @@ class SigningKey(BaseModel):
 
 ROUTE_MODELS = [Route, MailingList, ListMember, StoredMessage, RouteJob, SpamVerdict, OutboxItem,
                 SigningKey]
+
+from . import models as _models  # noqa: E402 - listed with every table (tests/test_store.py)
+
+_models.ALL_MODELS.extend(m for m in ROUTE_MODELS if m not in _models.ALL_MODELS)
