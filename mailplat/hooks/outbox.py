@@ -51,7 +51,7 @@ def _claim(now: float, lease: float, is_postgres: bool) -> list[dict]:
         return []
     OutboxItem.update(lease_owner=OWNER, lease_until=now + lease).where(OutboxItem.id.in_(ids)).execute()
     return [{"id": r.id, "url": r.url, "body": bytes(r.body), "content_type": r.content_type,
-             "headers": dict(r.headers or {}), "attempts": r.attempts}
+             "headers": dict(r.headers or {}), "attempts": r.attempts, "kind": r.kind}
             for r in OutboxItem.select().where(OutboxItem.id.in_(ids))]
 
 
@@ -76,7 +76,12 @@ def _record(item_id: int, status: int | None, error: str, now: float, schedule, 
     return row.state
 
 
-async def _post(session, item: dict) -> tuple[int | None, str]:
+async def _post(session, item: dict, allow_private: bool) -> tuple[int | None, str]:
+    try:
+        # aiohttp connects to an IP literal without asking the resolver: check those here.
+        egress.check_url_static(item["url"], allow_private)
+    except egress.EgressRefused as exc:
+        return None, f"{exc.message}: mailplat may not call it"
     headers = {"Content-Type": item["content_type"], "User-Agent": "mailplat-hooks/1.0",
                **item["headers"]}
     try:
@@ -90,6 +95,16 @@ async def _post(session, item: dict) -> tuple[int | None, str]:
         return None, f"{type(exc).__name__}: {exc}"[:500]
 
 
+def _schedule(config, kind: str) -> tuple:
+    """Webhooks keep Mailgun's schedule ([tracking] webhook_*); a `webhook-once` row (the
+    delivered event) is posted once.  Other kinds follow [hooks]."""
+    tracking = getattr(config, "tracking", None)
+    if kind.startswith("webhook") and tracking is not None:
+        once = kind == "webhook-once"
+        return tracking.webhook_retry_schedule, 1 if once else tracking.webhook_max_attempts
+    return config.hooks.retry_schedule, config.hooks.max_attempts
+
+
 async def deliver_due(ctx, session) -> int:
     """Post every due row once; returns how many were attempted."""
     hooks = ctx.config.hooks
@@ -98,10 +113,11 @@ async def deliver_due(ctx, session) -> int:
         items = await ctx.store.write(_claim, ctx.clock(), hooks.timeout * 2 + 30, ctx.store.is_postgres)
         if not items:
             return total
-        results = await asyncio.gather(*(_post(session, it) for it in items))
+        results = await asyncio.gather(*(_post(session, it, hooks.allow_private_targets) for it in items))
         for it, (status, error) in zip(items, results):
+            schedule, max_attempts = _schedule(ctx.config, it["kind"])
             state = await ctx.store.write(_record, it["id"], status, error, ctx.clock(),
-                                          hooks.retry_schedule, hooks.max_attempts)
+                                          schedule, max_attempts)
             log.info("hook post", extra={"fields": {"outbox": it["id"], "status": status, "state": state,
                                                     "error": error}})
         total += len(items)
