@@ -5,10 +5,10 @@ deadline per command, an error budget, CRLF-only command lines), EHLO and its ex
 (PIPELINING, SIZE, 8BITMIME, SMTPUTF8, ENHANCEDSTATUSCODES, STARTTLS, AUTH, LIMITS), strict
 MAIL/RCPT parsing (smtpd.syntax), a chunked DATA reader (only <CRLF>.<CRLF> ends DATA; bare CR
 or LF anywhere in the data rejects the message; size and line caps with bounded memory),
-STARTTLS that drops pipelined plaintext, and AUTH PLAIN/LOGIN with the throttle from
-smtpd.limits.  It decides nothing about mail: subclasses (smtpd.mx, smtpd.submission) answer
-`on_mail`, `on_rcpt` and `on_data` by calling core.  `reply_for()` is the one translator from
-mailplat.errors to SMTP replies.
+STARTTLS that drops pipelined plaintext, and AUTH PLAIN/LOGIN (mixed in from smtpd.authn,
+throttled by smtpd.limits).  It decides nothing about mail: subclasses (smtpd.mx,
+smtpd.submission) answer `on_mail`, `on_rcpt` and `on_data` by calling core.  `reply_for()` is
+the one translator from mailplat.errors to SMTP replies.
 """
 from __future__ import annotations
 
