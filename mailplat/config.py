@@ -128,6 +128,18 @@ class SpamConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    # Days events stay queryable and stored; 0 keeps them forever.
+    events_retention_days: float = 30.0
+    # Seconds between webhook attempts (Mailgun: three retries 10 minutes apart, then four
+    # 30 minutes apart); a delivered-event webhook is posted once and never retried.
+    webhook_retry_schedule: tuple[float, ...] = (600.0, 600.0, 600.0, 1800.0, 1800.0, 1800.0, 1800.0)
+    webhook_max_attempts: int = 8
+    # Local parts, on any of our domains, that take ARF complaints and DSN bounce reports.
+    feedback_addresses: tuple[str, ...] = ("postmaster", "abuse", "fbl", "bounces")
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "INFO"
     # "json" or "text"
@@ -148,6 +160,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
     spam: SpamConfig = field(default_factory=SpamConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def db_url(self) -> str:
@@ -190,7 +203,7 @@ ENV_OVERRIDES = {
 _SECTION_CLASSES = {
     "server": ServerConfig, "database": DatabaseConfig, "api": ApiConfig, "smtp": SmtpConfig,
     "mailaccess": MailAccessConfig, "tls": TlsConfig, "dns": DnsConfig, "relay": RelayConfig,
-    "log": LogConfig, "hooks": HooksConfig, "spam": SpamConfig,
+    "log": LogConfig, "hooks": HooksConfig, "spam": SpamConfig, "tracking": TrackingConfig,
 }
 PORT_FIELDS = {
     "api": ("api", "port"), "smtp": ("smtp", "mx_port"),

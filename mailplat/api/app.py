@@ -26,6 +26,7 @@ VIEW_MODULES = [
     "routes",
     "lists",
     "stored_messages",
+    "tracking", "suppressions", "webhooks", "stats", "tags", "campaigns", "log",
 ]
 
 CTX = web.AppKey("ctx", Context)

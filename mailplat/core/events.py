@@ -12,6 +12,16 @@ import time
 from ..store.models import Event, Message
 
 
+# fn(domain, data) run inside record_sync's transaction after the row is written: webhooks
+# queue their posts, stats count, tags note their use (core.webhooks registers them).
+RECORD_HOOKS: list = []
+
+
+def register_record_hook(fn) -> None:
+    if fn not in RECORD_HOOKS:
+        RECORD_HOOKS.append(fn)
+
+
 def new_event_id() -> str:
     return secrets.token_urlsafe(16)[:22]
 
@@ -77,6 +87,12 @@ def record_sync(domain: str, data: dict) -> Event:
     message_id = ""
     if isinstance(data.get("message"), dict):
         message_id = (data["message"].get("headers") or {}).get("message-id", "")
-    return Event.create(event_id=data["id"], domain=domain, event=data["event"],
-                        timestamp=data["timestamp"], recipient=data.get("recipient", "")[:320],
-                        message_id=message_id[:255], severity=data.get("severity", ""), data=data)
+    row = Event.create(event_id=data["id"], domain=domain, event=data["event"],
+                       timestamp=data["timestamp"], recipient=data.get("recipient", "")[:320],
+                       message_id=message_id[:255], severity=data.get("severity", ""), data=data)
+    for hook in RECORD_HOOKS:
+        hook(domain, data)
+    return row
+
+
+from . import webhooks as _webhooks  # noqa: E402,F401 - registers the webhook/stats/tag hooks

@@ -106,18 +106,24 @@ def _set_text(part, text: str) -> None:
     part.set_payload(body)
 
 
-def for_recipient(message: Message, raw: bytes, recipient: str, extra: dict | None = None) -> bytes:
-    """The bytes to send to `recipient`: byte for byte unless the message is a batch message.
+def for_recipient(message: Message, raw: bytes, recipient: str, extra: dict | None = None,
+                  tracking=None) -> bytes:
+    """The bytes to send to `recipient`: byte for byte unless the message is a batch message
+    or tracking changes it.
 
-    `extra` gives values for Mailgun placeholders (unsubscribe_url, ...); missing ones drop."""
+    `extra` gives values for Mailgun placeholders (unsubscribe_url, ...); missing ones drop.
+    `tracking` (a core.tracking.Plan) adds footers, fills the unsubscribe URLs, rewrites links
+    and adds the open pixel (HTML parts only)."""
     rv = message.recipient_variables
-    if not rv:
+    if not rv and (tracking is None or (not tracking.active and b"%" not in raw)):
         return raw
-    vars_ = rv.get(recipient)
+    vars_ = (rv or {}).get(recipient)
     if vars_ is None:
-        vars_ = rv.get(recipient.lower())
+        vars_ = (rv or {}).get(recipient.lower())
     if not isinstance(vars_, dict):
         vars_ = {}
+    if tracking is not None:
+        extra = {**tracking.values, **(extra or {})}
     msg = email.message_from_bytes(raw, policy=_POLICY)
     spec, display = _recipient_spec(msg, recipient)
     first, _, last = display.partition(" ")
@@ -133,7 +139,7 @@ def for_recipient(message: Message, raw: bytes, recipient: str, extra: dict | No
     to_done = False
     for name, value in msg.items():
         lname = name.lower()
-        if lname == "to" and not listing:
+        if lname == "to" and not listing and rv:
             if not to_done:
                 new_headers.append((name, _encode_header(name, spec)))
                 to_done = True
@@ -144,7 +150,7 @@ def for_recipient(message: Message, raw: bytes, recipient: str, extra: dict | No
             if new != text:
                 value = _encode_header(name, new)
         new_headers.append((name, value))
-    if not to_done and not listing:
+    if not to_done and not listing and rv:
         new_headers.append(("To", _encode_header("To", spec)))
     if listing:
         present = {n.lower() for n, _ in new_headers}
@@ -159,14 +165,18 @@ def for_recipient(message: Message, raw: bytes, recipient: str, extra: dict | No
         if part.get_content_disposition() == "attachment":
             continue
         payload = part.get_payload(decode=True)
-        if payload is None or b"%" not in payload:
+        if payload is None or (b"%" not in payload and tracking is None):
             continue
         charset = part.get_content_charset() or "utf-8"
         try:
             content = payload.decode(charset, "replace")
         except LookupError:
             content = payload.decode("utf-8", "replace")
-        new = substitute(content, values, vars_)
+        subtype = part.get_content_subtype()
+        new = tracking.before(content, subtype) if tracking is not None else content
+        new = substitute(new, values, vars_)
+        if tracking is not None:
+            new = tracking.after(new, subtype)
         if new != content:
             _set_text(part, new)
     out = io.BytesIO()

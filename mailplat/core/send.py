@@ -221,7 +221,7 @@ def _store(domain: str, source: str, prep: _Prepared, sha: str, options: dict, t
     follow commit order closely (the events API's ascending walks rely on that)."""
     _check_domain(domain)
     stamp = max(clock(), now)
-    suppressed = suppressions.bounced_sync(domain, prep.recipients)
+    suppressed = suppressions.suppressed_sync(domain, prep.recipients, tags)
     blobs.put_sync(prep.raw, sha)
     fields = dict(
         message_id=prep.message_id, domain=domain, source=source, sender=prep.sender,
@@ -234,7 +234,7 @@ def _store(domain: str, source: str, prep: _Prepared, sha: str, options: dict, t
     for rcpt in prep.recipients:
         events.record_sync(domain, events.build("accepted", message, rcpt, timestamp=stamp))
         if rcpt.lower() in suppressed:
-            events.record_sync(domain, suppressions.failed_event(message, rcpt, stamp))
+            events.record_sync(domain, suppressions.failed_event(message, rcpt, stamp, suppressed[rcpt.lower()]))
             continue
         rows.append({"message": message.id, "recipient": rcpt, "rcpt_domain": rcpt.rsplit("@", 1)[1].lower(),
                      "state": "queued", "attempts": 0, "next_attempt_at": next_attempt_at,

@@ -26,11 +26,28 @@ def bounced_sync(domain: str, recipients: list[str]) -> set[str]:
     return found
 
 
-def failed_event(message: Message, recipient: str, now: float) -> dict:
+# Drops (Ghost reads these codes): reason -> (delivery-status code, message).
+DROP_REASONS = {
+    "suppress-bounce": (SUPPRESS_BOUNCE_CODE, "Not delivering to previously bounced address"),
+    "suppress-unsubscribe": (606, "Not delivering to unsubscribed address"),
+    "suppress-complaint": (607, "Not delivering to a user who marked your messages as spam"),
+}
+
+
+def suppressed_sync(domain: str, recipients: list[str], tags: list[str] = ()) -> dict[str, str]:
+    """{lower-cased address: drop reason} for the recipients a do-not-send list holds: bounces
+    (unless allowlisted), unsubscribes (from all mail, or from one of the message's tags) and
+    complaints (core.tracking_lists owns the last three)."""
+    out = {a: "suppress-bounce" for a in bounced_sync(domain, recipients)}
+    from . import tracking_lists
+    return tracking_lists.apply_sync(domain, recipients, list(tags), out)
+
+
+def failed_event(message: Message, recipient: str, now: float, reason: str = "suppress-bounce") -> dict:
+    code, text = DROP_REASONS.get(reason, DROP_REASONS["suppress-bounce"])
     return events.build(
-        "failed", message, recipient, timestamp=now, severity="permanent", reason="suppress-bounce",
-        delivery_status={"code": SUPPRESS_BOUNCE_CODE, "message": "Not delivering to previously bounced address",
-                         "description": "Not delivering to previously bounced address",
+        "failed", message, recipient, timestamp=now, severity="permanent", reason=reason,
+        delivery_status={"code": code, "message": text, "description": text,
                          "attempt-no": 1, "enhanced-code": "", "retry-seconds": 0,
                          "mx-host": "", "tls": False, "certificate-verified": False},
     )

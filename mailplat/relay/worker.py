@@ -27,7 +27,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 from .. import logs
-from ..core import render
+from ..core import render, tracking
 from ..core.domains import dkim_signing_key_sync
 from ..mailauth import dkim as dkimsign
 from ..mailauth.tlspolicy import TlsPolicy, policy_for
@@ -74,6 +74,7 @@ class Job:
     domain_row: Domain | None
     signing: tuple[str, str, str] | None
     policy: TlsPolicy = field(default_factory=TlsPolicy)
+    tracking: object = None  # core.tracking.Plan: pixel, links, unsubscribe URLs, footers
 
     @property
     def message(self):
@@ -102,13 +103,14 @@ def _load_jobs_sync(ids: list[int]) -> list[Job]:
             keys[msg.domain] = dkim_signing_key_sync(msg.domain)
         jobs.append(Job(item=item, raw=raws[msg.blob], domain_row=domains[msg.domain],
                         signing=keys[msg.domain],
-                        policy=policy_for(domains[msg.domain], msg.options)))
+                        policy=policy_for(domains[msg.domain], msg.options),
+                        tracking=tracking.plan_sync(msg, item.recipient, domains[msg.domain])))
     return jobs
 
 
 def _prepare(job: Job) -> bytes:
     """The exact bytes for this recipient: rendered, then DKIM-signed (runs in a thread)."""
-    data = render.for_recipient(job.message, job.raw, job.item.recipient)
+    data = render.for_recipient(job.message, job.raw, job.item.recipient, tracking=job.tracking)
     data = dkimsign.normalize_crlf(data)
     options = job.message.options or {}
     if options.get("dkim") is False or job.signing is None:
