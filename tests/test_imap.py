@@ -242,6 +242,7 @@ def test_bodystructure_envelope_and_sections_on_nested_mime(server, addr):
     assert b'"MIXED" ("BOUNDARY" "AA")' in meta
     assert b'(("Ann Example" NIL "ann" "far.test"))' in meta
     assert b'((NIL NIL "a" "x.test") ("B, C" NIL "bc" "y.test"))' in meta
+    assert b'((NIL NIL "group" NIL) (NIL NIL NIL NIL))' in meta  # RFC 3501 group syntax
     want = {"1.1": b"h\xc3\xa9llo", "1.2": b"<b>hi</b>", "2": b"From: inner@far.test\r\nSubject: inner\r\n"
             b"Content-Type: text/plain\r\n\r\ninner body", "2.HEADER": b"From: inner@far.test\r\nSubject: inner\r\n"
             b"Content-Type: text/plain\r\n\r\n", "2.TEXT": b"inner body", "2.1": b"inner body", "3": b"AAECAw==",

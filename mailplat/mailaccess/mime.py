@@ -233,18 +233,77 @@ def bodystructure(part: Part, extended: bool, depth: int = 0) -> list:
     return out
 
 
+def _split_groups(text: str) -> list[tuple[str | None, str]]:
+    """[(group name or None, address list text)], splitting RFC 5322 groups (`name: a, b;`)
+    at top level (outside quotes, comments and angle brackets)."""
+    out: list[tuple[str | None, str]] = []
+    buf: list[str] = []
+    group: str | None = None
+    depth_comment = 0
+    in_quote = in_angle = escaped = False
+    last_comma = 0
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif ch == "\\" and (in_quote or depth_comment):
+            escaped = True
+        elif in_quote:
+            in_quote = ch != '"'
+        elif ch == '"' and not depth_comment:
+            in_quote = True
+        elif ch == "(":
+            depth_comment += 1
+        elif ch == ")" and depth_comment:
+            depth_comment -= 1
+        elif depth_comment:
+            pass
+        elif ch == "<":
+            in_angle = True
+        elif ch == ">":
+            in_angle = False
+        elif ch == "," and not in_angle and group is None:
+            last_comma = len(buf)
+        elif ch == ":" and not in_angle and group is None:
+            out.append((None, "".join(buf[:last_comma])))
+            group, buf = "".join(buf[last_comma + 1 if last_comma else 0:]).strip(), []
+            last_comma = 0
+            continue
+        elif ch == ";" and group is not None:
+            out.append((group, "".join(buf)))
+            group, buf = None, []
+            continue
+        buf.append(ch)
+    out.append((group, "".join(buf)))
+    return out
+
+
+def _enc(s: str):
+    return s.encode("utf-8", "surrogateescape") if s else None
+
+
+def _mailboxes(text: str) -> list:
+    out = []
+    for disp, addr in email.utils.getaddresses([text]):
+        if not addr and not disp:
+            continue
+        local, _, host = addr.rpartition("@") if "@" in addr else (addr, "", "")
+        out.append([_enc(disp), None, _enc(local) or b"", _enc(host)])
+    return out
+
+
 def _addresses(part: Part, name: str):
     values = part.headers.get_all(name)
     if not values:
         return None
     text = ", ".join(_raw(v).decode("utf-8", "surrogateescape") for v in values)
     out = []
-    for disp, addr in email.utils.getaddresses([text]):
-        if not addr and not disp:
-            continue
-        local, _, host = addr.rpartition("@") if "@" in addr else (addr, "", "")
-        enc = lambda s: s.encode("utf-8", "surrogateescape") if s else None  # noqa: E731
-        out.append([enc(disp), None, enc(local) or b"", enc(host)])
+    for group, members in _split_groups(text):
+        if group is None:
+            out += _mailboxes(members)
+        else:  # RFC 3501: (NIL NIL "group" NIL) members (NIL NIL NIL NIL)
+            out.append([None, None, _enc(group.strip()) or b"", None])
+            out += _mailboxes(members)
+            out.append([None, None, None, None])
     return out or None
 
 
