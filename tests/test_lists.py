@@ -21,16 +21,16 @@ from mailplat.core import render
 from mailplat.store import db as storedb
 from mailplat.store.models import Message
 from tests.conftest import dns_sets
-from tests.support import MailplatServer, start_server, wait_for
+from tests.support import MailplatServer, wait_for
 from tests.test_domains_api import store_query
+from tests.test_routes import own_server
 
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, dns_server) -> MailplatServer:
-    s = start_server(tmp_path_factory.mktemp("lists"), sets=dns_sets(dns_server) + [
-        "hooks.allow_private_targets=true", "spam.spamd_host=", "api.domains_rate_limit_per_minute=100000"])
-    yield s
-    s.stop()
+    with own_server(tmp_path_factory.mktemp("lists"), dns_sets(dns_server) + [
+            "hooks.allow_private_targets=true", "spam.spamd_host=", "api.domains_rate_limit_per_minute=100000"]) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +235,34 @@ def test_inbound_to_list_by_access_level(srv, dom, level, sender, delivered):
         wait_for(lambda: store_query(srv, "select count(*) from event where event = 'rejected' and recipient = ?",
                                      address)[0][0] == 1, what="rejected event")
         assert store_query(srv, "select count(*) from message where subject = ?", subject) == [(0,)]
+
+
+def test_unsubscribe_by_mail_and_no_fan_out_of_bounces(srv, dom):
+    address = new_list(srv, dom, access_level="everyone")
+    srv.api("POST", f"/v3/lists/{address}/members", data={"address": "leaver@fan.test", "name": "Lea Ver"})
+    subject = f"unsub-mail-{uuid.uuid4().hex[:6]}"
+    r = srv.api("POST", f"/v3/{dom}/messages", data={"from": f"editor@{dom}", "to": address, "subject": subject,
+                                                    "text": "mail %unsubscribe_email% to leave"})
+    assert r.status_code == 200
+    msg, raw, _ = load_message(srv, subject)
+    body = email.message_from_bytes(render.for_recipient(msg, raw, "leaver@fan.test"), policy=policy.default).get_content()
+    unsub = re.search(r"mail (\S+@\S+) to leave", body).group(1)
+    assert unsub.startswith("unsubscribe-") and unsub.endswith("@" + dom)
+    local, _, _ = unsub.partition("@")
+    with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=30) as c:
+        c.ehlo("fan.test")
+        c.mail("leaver@fan.test")
+        assert c.rcpt(f"{local[:-4]}0000@{dom}")[0] == 550  # a forged token is nobody
+        assert c.rcpt(unsub)[0] == 250
+        assert c.data(b"Subject: unsubscribe\r\n\r\nplease\r\n")[0] == 250
+    wait_for(lambda: srv.api("GET", f"/v3/lists/{address}/members/leaver@fan.test").json()["member"]["subscribed"] is False,
+             what="unsubscribed by mail")
+    # A bounce (null sender) to an open list is not fanned out (no mail loops).
+    srv.api("POST", f"/v3/lists/{address}/members", data={"address": "stayer@fan.test"})
+    bounce_subject = f"bounce-{uuid.uuid4().hex[:6]}"
+    with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=30) as c:
+        c.ehlo("fan.test")
+        c.sendmail("", [address], f"From: MAILER-DAEMON@fan.test\r\nSubject: {bounce_subject}\r\n\r\nx\r\n".encode())
+    wait_for(lambda: store_query(srv, "select count(*) from event where event = 'rejected' and recipient = ? "
+                                      "and data like ?", address, "%bounce%")[0][0] == 1, what="bounce refused")
+    assert store_query(srv, "select count(*) from message where subject = ?", bounce_subject) == [(0,)]

@@ -16,8 +16,9 @@ from email import policy
 import pytest
 
 from tests.conftest import dns_sets
-from tests.support import start_server, wait_for
+from tests.support import wait_for
 from tests.test_domains_api import store_query
+from tests.test_routes import own_server
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
@@ -59,16 +60,15 @@ def spamd_port(tmp_path_factory):
 
 
 def make_server(tmp_path_factory, dns_server, port):
-    return start_server(tmp_path_factory.mktemp("spam"), sets=dns_sets(dns_server) + [
+    return own_server(tmp_path_factory.mktemp("spam"), dns_sets(dns_server) + [
         "spam.spamd_host=127.0.0.1", f"spam.spamd_port={port}", "spam.timeout=30",
         "api.domains_rate_limit_per_minute=100000"])
 
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, dns_server, spamd_port):
-    s = make_server(tmp_path_factory, dns_server, spamd_port)
-    yield s
-    s.stop()
+    with make_server(tmp_path_factory, dns_server, spamd_port) as s:
+        yield s
 
 
 def domain_with_box(srv, action: str) -> str:
@@ -130,11 +130,8 @@ def test_disabled_domain_is_not_checked(srv):
 
 
 def test_spamd_unreachable_accepts_and_tags_unchecked(tmp_path_factory, dns_server):
-    s = make_server(tmp_path_factory, dns_server, free_port())  # nothing listens there
-    try:
+    with make_server(tmp_path_factory, dns_server, free_port()) as s:  # nothing listens there
         d = domain_with_box(s, "block")
         subject = send(s, f"box@{d}", GTUBE, "d@far.test")
         msg = wait_for(lambda: filed(s, subject), timeout=30, what="filed unchecked")[0]
         assert msg["X-Mailgun-Sflag"] == "Unchecked"
-    finally:
-        s.stop()

@@ -418,9 +418,16 @@ async def unsubscribe(ctx, member_id: str, token: str) -> str:
 
 
 def unsubscribe_address_taken_sync(address: str) -> bool:
+    """An unsubscribe-<member id>-<token>@ address whose token is right (checked at RCPT, so
+    member ids cannot be probed)."""
     local, _, _ = address.partition("@")
     m = UNSUB_LOCAL.match(local)
-    return bool(m) and ListMember.get_or_none(ListMember.id == int(m.group(1))) is not None
+    if not m:
+        return False
+    row = SigningKey.get_or_none(SigningKey.id == signing.KEY_ID)
+    member = ListMember.get_or_none(ListMember.id == int(m.group(1)))
+    return (row is not None and member is not None
+            and hmac.compare_digest(_token(row.key, member.id, member.address), m.group(2)))
 
 
 def list_address_taken_sync(address: str, domain_row=None) -> bool:

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 from email import policy
 
 from .. import logs
-from ..errors import InputError, MailplatError
+from ..errors import ForbiddenError, InputError, MailplatError, NotFound, TooLarge
 from ..store import blobs
 from ..store.models import Domain
 from ..store.mailbox_models import InboundJob
@@ -245,6 +245,13 @@ async def _unsub(ctx, member_id: str, token: str) -> None:
 async def _to_list(ctx, rcpt: str, ml: dict, data: dict, body: bytes, subject: str) -> None:
     sender = data["mail_from"]
     level = ml["access_level"]
+    list_id = f"<{rcpt.replace('@', '.')}>".encode()
+    head = body.split(b"\r\n\r\n", 1)[0].lower()
+    if not sender or (b"\nlist-id:" in head and list_id.lower() in head):
+        # A bounce (null sender) or our own copy coming back: never fan out again (mail loops).
+        await ctx.store.write(_reject_event_sync, ml["domain"], rcpt, sender, subject,
+                              "mailing list loop or bounce: not posted", ctx.clock())
+        return
     allowed = level == "everyone" or (level == "members" and sender and await ctx.store.read(
         _is_member_sync, ml["id"], sender))
     if not allowed:
@@ -256,7 +263,7 @@ async def _to_list(ctx, rcpt: str, ml: dict, data: dict, body: bytes, subject: s
     try:
         await send.submit(ctx, send.SendRequest(domain=ml["domain"], source="list", mime=body,
                                                 recipients=[rcpt], sender=rcpt))
-    except InputError as exc:
+    except (InputError, NotFound, ForbiddenError, TooLarge) as exc:
         log.warning("list fan-out refused", extra={"fields": {"list": rcpt, "error": exc.message}})
 
 
@@ -264,7 +271,7 @@ async def _forward_address(ctx, domain: str, target: str, body: bytes, mail_from
     try:
         await send.submit(ctx, send.SendRequest(domain=domain, source="route", mime=body,
                                                 recipients=[target], sender=mail_from or ""))
-    except InputError as exc:
+    except (InputError, NotFound, ForbiddenError, TooLarge) as exc:  # permanent: retrying cannot help
         log.warning("route forward to an address refused", extra={"fields": {"error": exc.message}})
 
 

@@ -30,6 +30,7 @@ MAX_ACTIONS = 20
 MAX_SUBJECT = 320
 MAX_HEADER_VALUE = 8192
 MATCH_SECONDS = 0.05
+MAX_HEADERS_SCANNED = 20  # occurrences of one header name a filter looks at
 
 
 class RouteError(InputError):
@@ -251,10 +252,12 @@ def evaluate(expr: Expression, recipient: str, headers: list[tuple[str, str]], m
             m = _run(f.pattern, recipient[:320])
         else:
             m = None
+            seen = 0
             for name, value in headers:
                 if name.lower() == f.header.lower():
                     m = _run(f.pattern, value[:MAX_HEADER_VALUE])
-                    if m:
+                    seen += 1
+                    if m or seen >= MAX_HEADERS_SCANNED:
                         break
         if not m:
             return None
