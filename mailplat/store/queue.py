@@ -133,12 +133,17 @@ def next_due_sync(now: float) -> float | None:
 
 
 def load_sync(ids: Iterable[int]) -> list[QueueItem]:
-    """Claimed rows with their Message (`item.message`) loaded."""
+    """Claimed rows with their Message (`item.message`) loaded, each Message once: rows of one
+    message share the instance (a list fan-out's Message carries every member's variables, so
+    decoding it per row would cost memory and CPU per recipient)."""
     ids = list(ids)
     if not ids:
         return []
-    return list(QueueItem.select(QueueItem, Message).join(Message)
-                .where(QueueItem.id.in_(ids)).order_by(QueueItem.id))
+    items = list(QueueItem.select().where(QueueItem.id.in_(ids)).order_by(QueueItem.id))
+    messages = {m.id: m for m in Message.select().where(Message.id.in_({i.message_id for i in items}))}
+    for item in items:
+        item.message = messages[item.message_id]
+    return items
 
 
 def finish_sync(item_id: int, owner: str, *, state: str, now: float, next_attempt_at: float | None = None,
