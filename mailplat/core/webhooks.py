@@ -174,7 +174,8 @@ def on_event(domain: str, data: dict) -> None:
     if not hooks:
         return
     key = None
-    now = time.time()
+    # The event's own time (the committing transaction's clock) stamps the signature and the row.
+    now = float(data.get("timestamp") or time.time())
     for kind in kinds_for(data):
         for url in hooks.get(kind, ()):
             key = key or signing.get_key_sync()

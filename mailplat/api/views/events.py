@@ -1,7 +1,8 @@
 """Events API: GET /v3/<domain>/events and GET /v3/<domain>/events/<page token>.
 
-Owns reading the query (begin, end, ascending, limit up to 300, filters event / recipient /
-from / message-id / tags / severity with Mailgun's " OR " and " AND " forms), walking the
+Owns reading the query (begin, end, ascending, limit up to 300, filters event, recipient,
+from, to, subject, message-id, tags, severity, attachment, size, list as Mailgun filter
+expressions (core.eventquery), events older than [tracking] events_retention_days left out), walking the
 domain's stored events in timestamp order with a keyset cursor on (timestamp, row id), and the
 `paging` links {first, last, next, previous}: absolute URLs whose last path segment is an
 opaque token holding the query and the position, so mailgun.js (which requests
@@ -14,10 +15,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 
 from aiohttp import web
 
+from ...core import eventquery
 from ...core.context import Context
 from ...core.timefmt import parse_time
 from ...errors import InputError, NotFound
@@ -32,9 +33,7 @@ MAX_LIMIT = 300
 # land behind a poller's cursor and never be seen.
 SETTLE_SECONDS = 2.0
 MAX_SCAN = 20_000  # rows examined per page when Python-side filters (from, tags) reject many
-_OR = re.compile(r"\s+OR\s+", re.IGNORECASE)
-_AND = re.compile(r"\s+AND\s+", re.IGNORECASE)
-_FILTERS = ("event", "recipient", "from", "message-id", "tags", "severity")
+_FILTERS = eventquery.FIELDS
 
 
 # -- the query ------------------------------------------------------------------------------------
@@ -70,10 +69,18 @@ def parse_query(params) -> dict:
             if len(str(value)) > 2000:
                 raise InputError(f"'{name}' filter is too long")
             q["f"][name] = str(value)
+    eventquery.compile_filters(q["f"])  # 400 for a malformed expression now, not on a later page
     return q
 
 
-def _bounds(q: dict, now: float) -> tuple[float | None, float | None]:
+def _bounds(q: dict, now: float, retention: float = 0.0) -> tuple[float | None, float | None]:
+    lo, hi = _bounds_asked(q, now)
+    if retention > 0:
+        lo = now - retention if lo is None else max(lo, now - retention)
+    return lo, hi
+
+
+def _bounds_asked(q: dict, now: float) -> tuple[float | None, float | None]:
     begin, end, asc = q["begin"], q["end"], q["asc"]
     if begin is not None and end is not None:
         lo, hi = min(begin, end), max(begin, end)
@@ -89,53 +96,15 @@ def _bounds(q: dict, now: float) -> tuple[float | None, float | None]:
     return lo, hi
 
 
-def _or_values(text: str) -> list[str]:
-    return [v.strip() for v in _OR.split(text) if v.strip()]
-
-
-def _sql_filters(domain: str, f: dict) -> list:
-    conds = [Event.domain == domain]
-    if "event" in f:
-        conds.append(Event.event.in_([v.lower() for v in _or_values(f["event"])]))
-    if "recipient" in f:
-        conds.append(Event.recipient.in_([v for r in _or_values(f["recipient"]) for v in {r, r.lower()}]))
-    if "message-id" in f:
-        conds.append(Event.message_id.in_([v.strip("<>") for v in _or_values(f["message-id"])]))
-    if "severity" in f:
-        conds.append(Event.severity.in_([v.lower() for v in _or_values(f["severity"])]))
-    return conds
-
-
-def _python_filter(f: dict):
-    checks = []
-    if "from" in f:
-        wanted = [v.lower() for v in _or_values(f["from"])]
-
-        def from_ok(data):
-            headers = (data.get("message") or {}).get("headers") or {}
-            got = str(headers.get("from", "")).lower() + " " + str((data.get("envelope") or {}).get("sender", "")).lower()
-            return any(w in got for w in wanted)
-        checks.append(from_ok)
-    if "tags" in f:
-        alternatives = [[t.strip().lower() for t in _AND.split(alt) if t.strip()]
-                        for alt in _or_values(f["tags"])]
-
-        def tags_ok(data):
-            have = {str(t).lower() for t in data.get("tags") or []}
-            return any(all(t in have for t in alt) for alt in alternatives)
-        checks.append(tags_ok)
-    if not checks:
-        return None
-    return lambda data: all(c(data) for c in checks)
-
-
-def _page_sync(domain: str, q: dict, pos: list | None, back: bool, now: float):
+def _page_sync(domain: str, q: dict, pos: list | None, back: bool, now: float, retention: float = 0.0):
     """One page in presentation order: (items, first position, last position, exists)."""
     if Domain.get_or_none(Domain.name == domain) is None:
         raise NotFound("Domain not found")
-    lo, hi = _bounds(q, now)
+    lo, hi = _bounds(q, now, retention)
     asc = q["asc"] != back  # the walk's direction in the table
-    conds = _sql_filters(domain, q["f"])
+    trees = eventquery.compile_filters(q["f"])
+    sql, settled = eventquery.sql_conditions(trees)
+    conds = [Event.domain == domain] + sql
     if lo is not None:
         conds.append(Event.timestamp >= lo)
     if hi is not None:
@@ -147,7 +116,7 @@ def _page_sync(domain: str, q: dict, pos: list | None, back: bool, now: float):
         else:
             conds.append((Event.timestamp < ts) | ((Event.timestamp == ts) & (Event.id < rid)))
     order = [Event.timestamp.asc(), Event.id.asc()] if asc else [Event.timestamp.desc(), Event.id.desc()]
-    keep = _python_filter(q["f"])
+    keep = eventquery.python_filter(trees, settled)
     limit = q["limit"]
     found: list[tuple[float, int, dict]] = []
     scanned = 0
@@ -223,7 +192,8 @@ def setup(app: web.Application, ctx: Context) -> None:
 
     async def serve_page(request: web.Request, domain: str, q: dict, pos, back: bool) -> web.Response:
         now = ctx.clock()
-        items, scan_pos = await store.read(_page_sync, domain, q, pos, back, now)
+        retention = getattr(getattr(ctx.config, "tracking", None), "events_retention_days", 0.0) * 86400.0
+        items, scan_pos = await store.read(_page_sync, domain, q, pos, back, now, retention)
         base = f"{base_url(request)}/v3/{domain}/events/"
         if items:
             first_pos = [items[0][0], items[0][1]]
