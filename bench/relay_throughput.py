@@ -33,6 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 PY = str(ROOT / ".venv" / "bin" / "python")
+# Connections to the one destination, the same for both: Postfix's default destination
+# concurrency limit is 20; mailplat's relay.per_destination is set to match.
+CONCURRENCY = 20
 
 from tests.dnsserver import DnsServer  # noqa: E402
 from tests.smtpsink import SmtpSink, free_port  # noqa: E402
@@ -74,7 +77,7 @@ def stop_sink(sink):
 def mailplat_run(work: Path, n: int, size: int, sink_port: int, dns: DnsServer, no_dkim: bool = False) -> dict:
     data = work / "mailplat"
     sets = ["relay.allow_private_mx=true", f"relay.remote_port={sink_port}", "dns.nameserver=127.0.0.1",
-            f"dns.port={dns.port}", "log.level=WARNING"]
+            f"dns.port={dns.port}", "log.level=WARNING", f"relay.per_destination={CONCURRENCY}"]
     args = [PY, "-m", "mailplat.cli", "init", "--data-dir", str(data), "--hostname", "bench.localhost"]
     for name in ("api", "smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s"):
         args += [f"--{name}-port", "0"]
@@ -167,8 +170,8 @@ alias_database =
 smtp_dns_support_level = disabled
 smtp_host_lookup = native
 relayhost = [127.0.0.1]:{sink_port}
-smtp_destination_concurrency_limit = 20
-default_destination_concurrency_limit = 20
+smtp_destination_concurrency_limit = {CONCURRENCY}
+default_destination_concurrency_limit = {CONCURRENCY}
 smtpd_client_connection_count_limit = 0
 smtpd_client_connection_rate_limit = 0
 default_process_limit = 200
