@@ -326,6 +326,9 @@ def test_small_commands_and_states(server, addr):
     m.select("INBOX")
     assert m.check()[0] == "OK"
     assert m.close()[0] == "OK"  # CLOSE expunges the \Deleted message silently
+    typ, data = m.getquotaroot("INBOX")
+    assert typ == "OK" and data[0] == [b'"INBOX" ""'] and re.fullmatch(rb'"" \(STORAGE 1 1048576\)', data[1][0]), data
+    assert m.setquota('""', "(STORAGE 1)")[0] == "NO"
     typ, data = m.status("INBOX", "(MESSAGES UNSEEN HIGHESTMODSEQ)")
     assert re.search(rb"MESSAGES 1 UNSEEN 1 HIGHESTMODSEQ \d+", data[0]), data
     with pytest.raises(imaplib.IMAP4.error):

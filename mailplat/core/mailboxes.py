@@ -278,6 +278,12 @@ def _login_source(login: str):
 auth.register_login_source(_login_source)
 
 
+def quota_sync(mbid: int) -> tuple[int, int]:
+    """(bytes stored, quota in bytes) of a mailbox."""
+    mb = Mailbox.get_by_id(mbid)
+    return mb.size_bytes, mb.quota_bytes
+
+
 def login_row_sync(address: str) -> tuple[str, int] | None:
     """(password hash, mailbox id) for IMAP/POP3 logins."""
     row = (Mailbox.select(Mailbox.password_hash, Mailbox.id)

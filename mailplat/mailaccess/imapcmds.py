@@ -554,6 +554,32 @@ class Commands:
         await self.refresh()
         return b"[APPENDUID %d %d] APPEND completed" % (validity, new_uid)
 
+    # -- QUOTA (RFC 2087/9208): one root "" per mailbox, STORAGE in KiB -------------------------
+    async def _send_quota(self) -> None:
+        used, limit = await self.ctx.store.read(mailboxes.quota_sync, self.mbid)
+        self.send(b'* QUOTA "" (STORAGE %d %d)' % ((used + 1023) // 1024, limit // 1024))
+
+    async def c_getquotaroot(self, tag, args):
+        if len(args) != 1:
+            raise Bad(b"GETQUOTAROOT needs a mailbox name")
+        name = folder_arg(args[0])
+        try:
+            await self.ctx.store.read(mailboxes.status_sync, self.mbid, name)
+        except NotFound:
+            raise No(b"[NONEXISTENT] No such mailbox") from None
+        self.send(b"* QUOTAROOT " + mime.string(mutf7_encode(name)) + b' ""')
+        await self._send_quota()
+        return b"GETQUOTAROOT completed"
+
+    async def c_getquota(self, tag, args):
+        if len(args) != 1 or astring(args[0]) != b"":
+            raise No(b"[NONEXISTENT] No such quota root")
+        await self._send_quota()
+        return b"GETQUOTA completed"
+
+    async def c_setquota(self, tag, args):
+        raise No(b"[NOPERM] Quotas are set by the administrator")
+
     async def c_uid(self, tag, args):
         if not args or not isinstance(args[0], Atom):
             raise Bad(b"UID needs a command")
@@ -575,6 +601,7 @@ _STATES = {
     b"STATUS": AUTH, b"SELECT": AUTH, b"EXAMINE": AUTH, b"APPEND": AUTH,
     b"CLOSE": SEL, b"UNSELECT": SEL, b"CHECK": SEL, b"EXPUNGE": SEL, b"FETCH": SEL,
     b"STORE": SEL, b"SEARCH": SEL, b"COPY": SEL, b"MOVE": SEL, b"UID": SEL,
+    b"GETQUOTAROOT": AUTH, b"GETQUOTA": AUTH, b"SETQUOTA": AUTH,
 }
 
 
