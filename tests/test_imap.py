@@ -482,3 +482,25 @@ SyncState *
     got = sorted(re.sub(rb"(?m)^X-TUID: [^\n]*\n", b"", p.read_bytes())
                  for p in (maildir / "INBOX" / "new").iterdir())
     assert got == sorted(b.replace(b"\r\n", b"\n") for b in bodies)
+
+
+def test_orderly_stop_says_bye(strict):
+    """Runs last against the strict server: SIGTERM ends sessions with BYE and exit status 0."""
+    addr = new_mailbox(strict)
+    ctx = _tls_context(strict)
+    sessions = []
+    for _ in range(2):
+        sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", strict.ports["imaps"]), timeout=10),
+                               server_hostname="localhost")
+        f = sock.makefile("rb")
+        f.readline()
+        sock.sendall(f'a LOGIN "{addr}" "{PASSWORD}"\r\nb SELECT INBOX\r\n'.encode())
+        while not f.readline().startswith(b"b OK"):
+            pass
+        sessions.append((sock, f))
+    sessions[1][0].sendall(b"c IDLE\r\n")
+    assert sessions[1][1].readline().startswith(b"+")
+    assert strict.stop() == 0
+    for sock, f in sessions:
+        assert f.readline().startswith(b"* BYE")
+        sock.close()

@@ -59,8 +59,14 @@ class Service:
     async def stop(self) -> None:
         for lp in self.listeners:
             await _deferred(lp.stopListening())
-        for f in self.factories:
-            for s in list(getattr(f, "sessions", ())):
+        # Let commands in progress finish (up to 10 s), then say goodbye to every session.
+        sessions = [s for f in self.factories for s in list(getattr(f, "sessions", ()))]
+        for _ in range(200):
+            if not any(_busy(s) for s in sessions):
+                break
+            await asyncio.sleep(0.05)
+        for s in sessions:
+            if not s._closed:
                 s.close(b"Server shutting down")
         self.stopping.set()
         receive.wake()
@@ -69,6 +75,13 @@ class Service:
                 await asyncio.wait_for(self.worker, 30)
             except asyncio.TimeoutError:
                 self.worker.cancel()
+
+
+def _busy(session) -> bool:
+    """A command is running (an IDLE wait does not count)."""
+    if session._closed or getattr(session, "_idle_done", None) is not None:
+        return False
+    return bool(getattr(session, "_busy", False) or getattr(session, "paused", False))
 
 
 async def _deferred(d):
