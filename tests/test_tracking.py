@@ -1,0 +1,220 @@
+"""Open, click and unsubscribe tracking end to end over real sockets: HTML mail sent through the
+API is relayed to a loopback MX with the pixel and rewritten links on the domain's tracking host;
+fetching them over HTTP on the api port (with that Host header) records opened / clicked /
+unsubscribed events, posts the webhooks (which django-anymail's Mailgun tracking view accepts),
+and the unsubscribed address is dropped afterwards.  Bad tokens are 404s; text-only mail gets
+no pixel; o:tracking=no and o:tracking-clicks=htmlonly are honoured."""
+from __future__ import annotations
+
+import base64
+import email
+import json
+import re
+import uuid
+from email import policy
+
+import pytest
+import requests
+
+from tests.conftest import dns_sets
+from tests.relaytest import create_domain, point_mx
+from tests.smtpsink import SmtpSink, free_port
+from tests.support import start_server, wait_for
+from tests.webhookrecv import HookReceiver
+
+pytestmark = pytest.mark.timeout(180)
+LINK = "https://example.org/page?a=1&b=2"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, dns_server):
+    tmp = tmp_path_factory.mktemp("tracking")
+    port = free_port()
+    sets = dns_sets(dns_server) + ["relay.allow_private_mx=true", f"relay.remote_port={port}",
+                                   "relay.retry_schedule=0.5", "hooks.allow_private_targets=true",
+                                   "tracking.webhook_retry_schedule=0.2"]
+    server = start_server(tmp / "data", sets=sets)
+    sink = SmtpSink(host="127.0.0.41", port=port).start()
+    rec = HookReceiver()
+    dom = f"t{uuid.uuid4().hex[:8]}.example.test"
+    create_domain(server, dns_server, dom)
+    rdom = f"r{uuid.uuid4().hex[:8]}.example.test"
+    point_mx(dns_server, rdom, "127.0.0.41")
+    for kind, data in (("open", {"active": "yes"}), ("click", {"active": "yes"}),
+                       ("unsubscribe", {"active": "yes", "html_footer": '<p><a href="%unsubscribe_url%">Stop</a></p>',
+                                        "text_footer": "Stop: %unsubscribe_url%"})):
+        r = server.api("PUT", f"/v3/domains/{dom}/tracking/{kind}", data=data)
+        assert r.status_code == 200, r.text
+    for hook in ("opened", "clicked", "unsubscribe", "delivered"):
+        r = server.api("POST", f"/v3/domains/{dom}/webhooks", data={"id": hook, "url": rec.url(f"/{hook}", "hook:secret")})
+        assert r.status_code == 200, r.text
+    yield {"server": server, "sink": sink, "rec": rec, "dom": dom, "rdom": rdom}
+    server.stop()
+    sink.stop()
+    rec.close()
+
+
+def send(env, rcpt, html=None, text="Plain part " + LINK + "\n", **extra):
+    data = {"from": f"News <news@{env['dom']}>", "to": rcpt, "subject": "Tracked", "text": text, **extra}
+    if html is not None:
+        data["html"] = html
+    r = env["server"].api("POST", f"/v3/{env['dom']}/messages", data=data)
+    assert r.status_code == 200, r.text
+    return r.json()["id"].strip("<>")
+
+
+def received(env, rcpt):
+    got = wait_for(lambda: env["sink"].to(rcpt), timeout=30, what=f"delivery to {rcpt}")[0]
+    msg = email.message_from_bytes(got.data, policy=policy.default)
+    parts = {p.get_content_type(): p.get_content() for p in msg.walk() if not p.is_multipart()}
+    return msg, parts
+
+
+def fetch(env, url, method="GET", ua="Mozilla/5.0 (Windows NT 10.0) Thunderbird/115.0"):
+    """GET a tracking URL the way a mail client would: to the api port, Host = the tracking host."""
+    m = re.match(r"^http://([^/]+)(/.*)$", url)
+    assert m, url
+    host, path = m.groups()
+    return requests.request(method, env["server"].url + path, headers={"Host": host, "User-Agent": ua},
+                            allow_redirects=False, timeout=10)
+
+
+def events(env, **params):
+    r = env["server"].api("GET", f"/v3/{env['dom']}/events", params=params)
+    assert r.status_code == 200, r.text
+    return r.json()["items"]
+
+
+def test_open_click_unsubscribe_end_to_end(env):
+    rcpt = f"reader@{env['rdom']}"
+    html = f'<html><body><p>Hi</p><a href="{LINK.replace("&", "&amp;")}">Read</a> <a href="mailto:x@y.test">m</a></body></html>'
+    mid = send(env, rcpt, html=html, **{"o:tag": "news"})
+    msg, parts = received(env, rcpt)
+    host = f"http://email.{env['dom']}"
+    body_html, body_text = parts["text/html"], parts["text/plain"]
+    pixel = re.search(r'<img[^>]+src="([^"]+)"', body_html).group(1)
+    assert pixel.startswith(host + "/o/")
+    click = re.search(r'<a href="([^"]+)">Read</a>', body_html).group(1).replace("&amp;", "&")
+    assert click.startswith(host + "/c/") and LINK not in body_html
+    assert 'href="mailto:x@y.test"' in body_html
+    unsub = re.search(r'<a href="([^"]+)">Stop</a>', body_html).group(1)
+    assert unsub.startswith(host + "/u/")
+    assert re.search(r"Stop: " + re.escape(host) + r"/u/\S+", body_text)
+    assert "%unsubscribe_url%" not in body_html + body_text
+    assert msg["To"] == rcpt
+
+    r = fetch(env, pixel)
+    assert r.status_code == 200 and r.headers["Content-Type"] == "image/png" and r.content[:4] == b"\x89PNG"
+    r = fetch(env, click)
+    assert r.status_code == 302 and r.headers["Location"] == LINK
+    opened = wait_for(lambda: events(env, event="opened", recipient=rcpt), what="opened event")[0]
+    assert opened["ip"] == "127.0.0.1" and opened["client-info"]["user-agent"].endswith("Thunderbird/115.0")
+    assert opened["client-info"]["bot"] == "" and opened["message"]["headers"]["message-id"] == mid
+    clicked = events(env, event="clicked", recipient=rcpt)[0]
+    assert clicked["url"] == LINK and clicked["tags"] == ["news"]
+
+    # A proxy that prefetches images is flagged as a bot.
+    fetch(env, pixel, ua="Mozilla/5.0 (via ggpht.com GoogleImageProxy)")
+    bot = wait_for(lambda: [e for e in events(env, event="opened", recipient=rcpt) if e["client-info"]["bot"]],
+                   what="bot open")[0]
+    assert bot["client-info"]["bot"] == "gmail" and bot["flags"]["is-bot"] is True
+
+    # A link scanner's GET of the unsubscribe link unsubscribes nobody.
+    r = fetch(env, unsub, ua="Barracuda link scanner")
+    assert r.status_code == 200 and "<form" in r.text
+    assert env["server"].api("GET", f"/v3/{env['dom']}/unsubscribes/{rcpt}").status_code == 404
+    r = fetch(env, unsub)
+    assert r.status_code == 200 and "unsubscribed" in r.text
+    got = env["server"].api("GET", f"/v3/{env['dom']}/unsubscribes/{rcpt}").json()
+    assert got["tags"] == ["*"]
+    assert events(env, event="unsubscribed", recipient=rcpt)
+
+    # Webhooks for each, with Basic auth from the URL's userinfo.
+    rec = env["rec"]
+    for path in ("/opened", "/clicked", "/unsubscribe", "/delivered"):
+        post = wait_for(lambda: rec.to(path), timeout=20, what=f"webhook {path}")[0]
+        assert post["headers"]["Authorization"] == "Basic " + base64.b64encode(b"hook:secret").decode()
+    assert json.loads(rec.to("/clicked")[0]["body"])["event-data"]["url"] == LINK
+
+    # django-anymail's Mailgun tracking view verifies and parses our posts.
+    key = env["server"].api("GET", "/v5/accounts/http_signing_key").json()["http_signing_key"]
+    parsed = anymail_parse(key, [rec.to(p)[0] for p in ("/opened", "/clicked", "/unsubscribe", "/delivered")])
+    assert [e.event_type for e in parsed] == ["opened", "clicked", "unsubscribed", "delivered"]
+    assert all(e.recipient == rcpt and e.message_id == f"<{mid}>" for e in parsed)
+    assert parsed[1].click_url == LINK and parsed[0].user_agent.endswith("Thunderbird/115.0")
+
+    # The unsubscribed address is dropped from now on.
+    mid2 = send(env, rcpt, html="<p>again</p>")
+    dropped = wait_for(lambda: events(env, event="failed", **{"message-id": mid2}), what="drop")[0]
+    assert dropped["reason"] == "suppress-unsubscribe" and dropped["delivery-status"]["code"] == 606
+
+
+def anymail_parse(key, posts):
+    from django.conf import settings
+    if not settings.configured:
+        settings.configure(DEBUG=False, SECRET_KEY="t", ALLOWED_HOSTS=["*"], ROOT_URLCONF=__name__,
+                           INSTALLED_APPS=["anymail"], ANYMAIL={})
+        import django
+        django.setup()
+    settings.ANYMAIL = {"MAILGUN_WEBHOOK_SIGNING_KEY": key, "WEBHOOK_SECRET": "hook:secret"}
+    from anymail.exceptions import AnymailWebhookValidationFailure
+    from anymail.signals import tracking
+    from anymail.webhooks.mailgun import MailgunTrackingWebhookView
+    from django.test import RequestFactory
+    seen = []
+
+    def handler(sender, event, esp_name, **kw):
+        seen.append(event)
+    tracking.connect(handler, weak=False)
+    try:
+        for post in posts:
+            req = RequestFactory().generic("POST", "/anymail/mailgun/tracking/", data=post["body"],
+                                           content_type=post["headers"]["Content-Type"],
+                                           HTTP_AUTHORIZATION=post["headers"]["Authorization"])
+            assert MailgunTrackingWebhookView.as_view()(req).status_code == 200
+        forged = json.loads(posts[0]["body"])
+        forged["signature"]["signature"] = "0" * 64
+        req = RequestFactory().generic("POST", "/anymail/mailgun/tracking/", data=json.dumps(forged),
+                                       content_type="application/json",
+                                       HTTP_AUTHORIZATION=posts[0]["headers"]["Authorization"])
+        with pytest.raises(AnymailWebhookValidationFailure):
+            MailgunTrackingWebhookView.as_view()(req)
+    finally:
+        tracking.disconnect(handler)
+    return seen
+
+
+urlpatterns: list = []
+
+
+def test_bad_tokens_are_404(env):
+    for path in ("/o/x", "/c/" + "A" * 80, "/u/%00%ff", "/c/" + "B" * 5000):
+        r = requests.get(env["server"].url + path, timeout=10, allow_redirects=False)
+        assert r.status_code == 404, path
+    rcpt = f"tamper@{env['rdom']}"
+    send(env, rcpt, html=f'<a href="{LINK}">x</a>')
+    _, parts = received(env, rcpt)
+    click = re.search(r'href="([^"]+)"', parts["text/html"]).group(1)
+    token = click.rsplit("/", 1)[1]
+    flipped = token[:10] + ("A" if token[10] != "A" else "B") + token[11:]
+    assert fetch(env, click.rsplit("/", 1)[0] + "/" + flipped).status_code == 404
+    # An open token does not work as a click token.
+    pixel = re.search(r'<img[^>]+src="([^"]+)"', parts["text/html"]).group(1)
+    assert fetch(env, pixel.replace("/o/", "/c/")).status_code == 404
+
+
+def test_text_only_and_per_message_switches(env):
+    plain = f"plain@{env['rdom']}"
+    send(env, plain, text="Only text " + LINK + "\n")
+    _, parts = received(env, plain)
+    assert list(parts) == ["text/plain"] and "/o/" not in parts["text/plain"]
+    assert f"http://email.{env['dom']}/c/" in parts["text/plain"]  # domain click tracking: yes
+    off = f"off@{env['rdom']}"
+    send(env, off, html=f'<a href="{LINK}">x</a>', **{"o:tracking": "no"})
+    _, parts = received(env, off)
+    assert LINK in parts["text/html"] and "<img" not in parts["text/html"]
+    assert "Stop:" not in parts["text/plain"]
+    html_only = f"htmlonly@{env['rdom']}"
+    send(env, html_only, html=f'<a href="{LINK}">x</a>', **{"o:tracking-clicks": "htmlonly", "o:tracking-opens": "no"})
+    _, parts = received(env, html_only)
+    assert LINK in parts["text/plain"] and LINK not in parts["text/html"] and "<img" not in parts["text/html"]
