@@ -294,3 +294,4 @@ async def run_inbound_worker(ctx, stopping: asyncio.Event) -> None:
 
 
 from . import routejobs as _routejobs  # noqa: E402,F401 - routes, lists and spam register their hooks
+from . import feedback as _feedback  # noqa: E402,F401 - ARF complaints and DSN bounces register theirs
