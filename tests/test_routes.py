@@ -375,3 +375,14 @@ def test_unknown_address_still_refused_at_rcpt(srv, dom):
         code, _ = c.rcpt(f"nobody-{uuid.uuid4().hex[:6]}@{dom}")
         # A catch_all() route in this module would accept it; none exists here, so 550.
         assert code == 550
+
+
+def test_private_targets_are_refused_when_saved_by_default(server):
+    """The shared server keeps hooks.allow_private_targets off: internal URLs are a 400."""
+    for target in ("http://127.0.0.1:8080/in", "http://169.254.169.254/latest/meta-data/",
+                   "http://[::1]/x", "http://localhost/x", "http://10.0.0.5/x"):
+        r = server.api("POST", "/v3/routes", data={"expression": "catch_all()", "action": f'forward("{target}")'})
+        assert r.status_code == 400, target
+        assert "private" in r.json()["message"] or "internal" in r.json()["message"]
+        r = server.api("POST", "/v3/routes", data={"expression": "catch_all()", "action": f'store(notify="{target}")'})
+        assert r.status_code == 400, target

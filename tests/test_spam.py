@@ -5,6 +5,7 @@ passing, and spamd unreachable (accepted, tagged Unchecked, nothing lost)."""
 from __future__ import annotations
 
 import email
+import json
 import os
 import shutil
 import smtplib
@@ -62,6 +63,7 @@ def spamd_port(tmp_path_factory):
 def make_server(tmp_path_factory, dns_server, port):
     return own_server(tmp_path_factory.mktemp("spam"), dns_sets(dns_server) + [
         "spam.spamd_host=127.0.0.1", f"spam.spamd_port={port}", "spam.timeout=30",
+        "hooks.allow_private_targets=true",
         "api.domains_rate_limit_per_minute=100000"])
 
 
@@ -135,3 +137,26 @@ def test_spamd_unreachable_accepts_and_tags_unchecked(tmp_path_factory, dns_serv
         subject = send(s, f"box@{d}", GTUBE, "d@far.test")
         msg = wait_for(lambda: filed(s, subject), timeout=30, what="filed unchecked")[0]
         assert msg["X-Mailgun-Sflag"] == "Unchecked"
+
+
+def test_routes_see_the_verdict(srv):
+    from tests.test_routes import Receiver, form_fields
+    rec = Receiver()
+    try:
+        tag = domain_with_box(srv, "tag")
+        block = domain_with_box(srv, "block")
+        for d in (tag, block):
+            r = srv.api("POST", "/v3/routes", data={"expression": f'match_recipient("hook@{d}")',
+                                                   "action": [f'forward("{rec.url("/" + d)}")', "stop()"]})
+            assert r.status_code == 200
+        send(srv, f"hook@{tag}", GTUBE, "e@far.test")
+        post = wait_for(lambda: rec.to("/" + tag), what="tagged post")[0]
+        fields, _ = form_fields(post)
+        assert fields["X-Mailgun-Sflag"] == ["Yes"]
+        assert ["X-Mailgun-Sflag", "Yes"] in json.loads(fields["message-headers"][0])
+        send(srv, f"hook@{block}", GTUBE, "e@far.test")
+        clean = send(srv, f"hook@{block}", "See you at the station at eight.", "e@far.test")
+        post = wait_for(lambda: rec.to("/" + block), what="clean post")
+        assert len(post) == 1 and form_fields(post[0])[0]["subject"] == [clean]  # the spam one never came
+    finally:
+        rec.close()
