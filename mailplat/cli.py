@@ -309,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     queue_cmd.register(sub, common)
     from .clicmds import sendtest
     sendtest.register(sub, common)
+    from .clicmds import webhooks as webhooks_cmd
+    webhooks_cmd.register(sub, common)
 
     p = sub.add_parser("db", parents=[common], help="database maintenance")
     bsub = p.add_subparsers(dest="db_cmd", required=True)

@@ -244,3 +244,42 @@ def replay_failed_sync(domain: str | None, since: float | None, now: float) -> i
     if since is not None:
         cond &= OutboxItem.created_at >= since
     return q.where(cond).execute()
+
+
+# -- retention ----------------------------------------------------------------------------------------
+PURGE_CHUNK = 5000
+PURGE_EVERY = 3600.0
+
+
+def purge_events_sync(cutoff: float, chunk: int = PURGE_CHUNK) -> int:
+    """Delete up to `chunk` events per domain older than `cutoff` (walking the (domain,
+    timestamp) index); returns how many went.  Stats counters are kept."""
+    from ..store.models import Domain, Event
+    gone = 0
+    domains = [d for (d,) in Domain.select(Domain.name).tuples()]
+    for name in domains:
+        ids = [i for (i,) in Event.select(Event.id).where((Event.domain == name) & (Event.timestamp < cutoff))
+               .order_by(Event.timestamp).limit(chunk).tuples()]
+        if ids:
+            gone += Event.delete().where(Event.id.in_(ids)).execute()
+    return gone
+
+
+async def run_retention(ctx, stopping) -> None:
+    """Purge events past [tracking] events_retention_days (0 keeps them forever), hourly."""
+    import asyncio
+    days = getattr(getattr(ctx.config, "tracking", None), "events_retention_days", 0.0)
+    if not days or days <= 0:
+        return
+    while not stopping.is_set():
+        try:
+            while await ctx.store.write(purge_events_sync, ctx.clock() - days * 86400.0) > 0:
+                if stopping.is_set():
+                    return
+        except Exception:  # noqa: BLE001 - try again next hour
+            import logging
+            logging.getLogger("mailplat.webhooks").exception("event purge failed")
+        try:
+            await asyncio.wait_for(stopping.wait(), PURGE_EVERY)
+        except asyncio.TimeoutError:
+            pass

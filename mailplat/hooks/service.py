@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from ..core import routejobs
+from ..core import routejobs, webhooks
 from ..core.context import Context
 from . import outbox
 
@@ -24,7 +24,8 @@ class HooksService:
     async def start(self) -> dict[str, int]:
         routejobs.OUTBOX_WAKERS.append(outbox.wake)
         self.tasks = [asyncio.create_task(routejobs.run(self.ctx, self.stopping), name="route-worker"),
-                      asyncio.create_task(outbox.run(self.ctx, self.stopping), name="outbox-poster")]
+                      asyncio.create_task(outbox.run(self.ctx, self.stopping), name="outbox-poster"),
+                      asyncio.create_task(webhooks.run_retention(self.ctx, self.stopping), name="event-retention")]
         return {}
 
     async def stop(self) -> None:
