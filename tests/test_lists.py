@@ -172,6 +172,9 @@ def test_send_to_list_fans_out_with_member_variables_and_unsubscribe(srv, dom):
     msg, raw, rcpts = load_message(srv, subject)
     assert rcpts == ["ann@fan.test", "ben@fan.test"]  # the unsubscribed member is skipped
     assert store_query(srv, "select count(*) from message where subject = ?", subject) == [(1,)]  # body stored once
+    accepted = store_query(srv, "select data from event where event = 'accepted' and recipient = 'ann@fan.test' "
+                                "and data like ?", f"%{subject}%")
+    assert json.loads(accepted[0][0])["user-variables"] == {"city": "Oslo"}  # member vars, not render data
     urls = {}
     for rcpt, city, first, last in (("ann@fan.test", "Oslo", "Ann", "Lee"), ("ben@fan.test", "Lima", "Ben", "Ode")):
         out = email.message_from_bytes(render.for_recipient(msg, raw, rcpt), policy=policy.default)

@@ -66,7 +66,8 @@ def build(kind: str, message: Message | None, recipient: str = "", *, timestamp:
         })
         if message.recipient_variables and recipient in message.recipient_variables:
             data["user-variables"] = {**message.user_variables,
-                                      **_as_dict(message.recipient_variables.get(recipient))}
+                                      **{k: v for k, v in _as_dict(message.recipient_variables.get(recipient)).items()
+                                         if not k.startswith("%")}}  # "%list": core.lists' render data
     if severity:
         data["severity"] = severity
     if reason:
