@@ -313,7 +313,16 @@ async def _store(ctx, key: str, domain: str, notify: str, body: bytes, rcpt: str
         await _post(ctx, key, "notify", domain, notify, body, rcpt, mail_from, [("message-url", url)])
 
 
+KEEP_DONE_SECONDS = 7 * 86400.0
+
+
 def _purge_stored_sync(now: float) -> int:
+    """Expired stored messages; finished route jobs, spam verdicts and posts after a week."""
+    from ..store.route_models import OutboxItem
+    before = now - KEEP_DONE_SECONDS
+    RouteJob.delete().where((RouteJob.state != "queued") & (RouteJob.received_at < before)).execute()
+    SpamVerdict.delete().where(SpamVerdict.created_at < before).execute()
+    OutboxItem.delete().where(OutboxItem.state.in_(["delivered", "rejected"]) & (OutboxItem.updated_at < before)).execute()
     return StoredMessage.delete().where(StoredMessage.expires_at < now).execute()
 
 
