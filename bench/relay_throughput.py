@@ -128,8 +128,10 @@ def mailplat_run(work: Path, n: int, size: int, sink_port: int, dns: DnsServer, 
 
     db = sqlite3.connect(str(data / "mailplat.db"))
     t0 = time.time()
-    profile = ["-m", "cProfile", "-o", os.environ["RELAY_PROFILE"]] if os.environ.get("RELAY_PROFILE") else []
-    relay = subprocess.Popen([PY, *profile, "-m", "mailplat.cli", "serve", "--data-dir", str(data), "relay"],
+    # RELAY_PROFILE=out.txt: sample the relay process with py-spy (pip install py-spy), all threads.
+    profile = ([str(ROOT / ".venv" / "bin" / "py-spy"), "record", "-f", "raw", "-r", "200", "-o",
+                os.environ["RELAY_PROFILE"], "--"] if os.environ.get("RELAY_PROFILE") else [])
+    relay = subprocess.Popen([*profile, PY, "-m", "mailplat.cli", "serve", "--data-dir", str(data), "relay"],
                              cwd=ROOT, stdout=open(work / "relay.log", "wb"), stderr=subprocess.STDOUT)
     try:
         def done():
@@ -137,7 +139,7 @@ def mailplat_run(work: Path, n: int, size: int, sink_port: int, dns: DnsServer, 
         wait(done, 1800, "mailplat to relay everything")
         wall = time.time() - t0
     finally:
-        relay.terminate()
+        relay.send_signal(2 if profile else 15)
         relay.wait()
     states = dict(db.execute("select state, count(*) from queue_item group by state").fetchall())
     first, last = db.execute("select min(updated_at), max(updated_at) from queue_item where state='delivered'").fetchone()

@@ -92,3 +92,39 @@ def test_slow_delivery_keeps_its_lease_so_a_second_relay_never_sends_it_too(tmp_
         second.wait(30)
         server.stop()
         sink.stop()
+
+
+def test_sigterm_releases_waiting_rows_and_finishes_the_one_in_flight(tmp_path, dns_server):
+    sink = SmtpSink().start()
+    sets = dns_sets(dns_server) + ["relay.allow_private_mx=true", f"relay.remote_port={sink.port}",
+                                   "relay.per_destination=1"]  # default lease (300 s)
+    server = start_server(tmp_path / "data", sets=sets)
+    try:
+        sender = f"s{uuid.uuid4().hex[:8]}.example.test"
+        create_domain(server, dns_server, sender)
+        rdom = f"r{uuid.uuid4().hex[:8]}.example.test"
+        point_mx(dns_server, rdom, "127.0.0.1")
+        rcpts = [f"t{i}@{rdom}" for i in range(10)]
+        sink.stall_data()
+        send(server.data_dir, sender, rcpts)
+        db = db_url_of(server.data_dir)
+        wait_for(lambda: len(sink.stalled_sessions) == 1, timeout=20, what="a delivery stuck in DATA")
+        wait_for(lambda: sum(1 for r in queue_rows(db) if r["lease_owner"]) == 10, timeout=10,
+                 what="all rows leased")
+        server.proc.terminate()  # SIGTERM: stop claiming, release what has not started
+        # Rows not started get their leases back at once (no 300 s wait for another relay);
+        # the one on the wire, and the next one already being signed, are still in hand.
+        wait_for(lambda: sum(1 for r in queue_rows(db) if r["lease_owner"]) <= 2, timeout=10,
+                 what="leases released")
+        assert server.proc.poll() is None  # still finishing the delivery in flight
+        sink.unstall()
+        assert server.proc.wait(30) == 0
+        rows = queue_rows(db)
+        assert sum(1 for r in rows if r["state"] == "delivered") >= 1
+        assert all(r["lease_owner"] is None for r in rows if r["state"] == "queued")
+        server = serve(server.data_dir, server.key)
+        wait_for(lambda: all(sink.to(r) for r in rcpts), timeout=30, what="the rest after restart")
+        assert collections.Counter(r for m in sink.messages for r in m.rcpt_tos) == {r: 1 for r in rcpts}
+    finally:
+        server.stop()
+        sink.stop()
