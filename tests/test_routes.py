@@ -386,3 +386,28 @@ def test_private_targets_are_refused_when_saved_by_default(server):
         assert "private" in r.json()["message"] or "internal" in r.json()["message"]
         r = server.api("POST", "/v3/routes", data={"expression": "catch_all()", "action": f'store(notify="{target}")'})
         assert r.status_code == 400, target
+
+
+@pytest.mark.postgres
+def test_routes_and_lists_on_postgresql(tmp_path, dns_server, receiver):
+    """The route worker's claims (FOR UPDATE SKIP LOCKED), the outbox and list fan-out on a
+    PostgreSQL store (the .ci/run second pass)."""
+    if not PG_BASE:
+        pytest.skip("MAILPLAT_TEST_PG is not set")
+    with pg_database(PG_BASE) as url:
+        s = start_server(tmp_path, db_url=url, sets=dns_sets(dns_server) + [
+            "hooks.allow_private_targets=true", "spam.spamd_host="])
+        try:
+            d = f"pg{uuid.uuid4().hex[:8]}.example.test"
+            assert s.api("POST", "/v3/domains", data={"name": d}).status_code == 200
+            assert s.api("POST", "/v3/lists", data={"address": f"all@{d}", "access_level": "everyone"}).status_code == 200
+            assert s.api("POST", f"/v3/lists/all@{d}/members", data={"address": "pgmember@elsewhere.test"}).status_code == 200
+            add_route(s, f'match_recipient("all@{d}")', f'forward("{receiver.url("/pg")}")')
+            smtp_send(s, [f"all@{d}"], rich_message(f"all@{d}"))
+            fields, files = form_fields(wait_for(lambda: receiver.to("/pg"), what="post on PG")[0])
+            assert fields["recipient"] == [f"all@{d}"] and files["attachment-2"][0] == "data.csv"
+            rows = wait_for(lambda: store_query(s, "select m.source, q.recipient from message m join queue_item q "
+                                                   "on q.message_id = m.id where m.domain = ?", d), what="fan-out on PG")
+            assert rows == [("list", "pgmember@elsewhere.test")]
+        finally:
+            s.stop()
