@@ -382,3 +382,28 @@ def test_sdk_batch_send_each_recipient_gets_its_own_signed_copy(env):
         other = b if rcpt == a else a
         assert other.encode() not in data  # each copy shows only its own recipient
         assert dkim_verify_perl(data, env.dns.port).splitlines()[0] == "pass"
+
+
+def test_falls_back_to_the_next_mx_when_the_first_is_down(env):
+    sink, ip = env.sink()
+    rdom = f"r{uuid.uuid4().hex[:8]}.example.test"
+    env.dns.add(rdom, "MX", f"10 down.{rdom}.", f"20 up.{rdom}.")
+    env.dns.add(f"down.{rdom}", "A", "127.0.0.250")  # nothing listens there
+    env.dns.add(f"up.{rdom}", "A", ip)
+    rcpt = f"olga@{rdom}"
+    send(env.server.data_dir, env.domain(), [rcpt])
+    assert sink.wait_count(1)[0].rcpt_tos == [rcpt]
+    assert env.wait_event(rcpt, "delivered")["delivery-status"]["mx-host"] == f"up.{rdom}"
+
+
+def test_unreachable_destination_is_temporary(env):
+    rdom = f"r{uuid.uuid4().hex[:8]}.example.test"
+    point_mx(env.dns, rdom, "127.0.0.251")  # nothing listens there
+    rcpts = [f"p{i}@{rdom}" for i in range(3)]
+    mid = send(env.server.data_dir, env.domain(), rcpts)
+    for rcpt in rcpts:
+        ev = env.wait_event(rcpt, "failed")
+        assert ev["severity"] == "temporary" and ev["delivery-status"]["code"] == 451
+        assert "retry-seconds" in ev["delivery-status"]
+    assert all(r["state"] == "queued" for r in queue_rows(env.db_url) if r["recipient"] in rcpts)
+    env.server.cli("queue", "drop", mid)
