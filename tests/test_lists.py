@@ -269,3 +269,31 @@ def test_unsubscribe_by_mail_and_no_fan_out_of_bounces(srv, dom):
     wait_for(lambda: store_query(srv, "select count(*) from event where event = 'rejected' and recipient = ? "
                                       "and data like ?", address, "%bounce%")[0][0] == 1, what="bounce refused")
     assert store_query(srv, "select count(*) from message where subject = ?", bounce_subject) == [(0,)]
+
+
+def test_fan_out_through_the_relay_to_a_loopback_mx(tmp_path, dns_server):
+    """Each member's copy leaves through the relay with its own variables and unsubscribe
+    headers (a loopback SMTP sink is the members' MX)."""
+    from tests.relaytest import point_mx
+    from tests.smtpsink import SmtpSink
+    with SmtpSink() as sink, own_server(tmp_path, dns_sets(dns_server) + [
+            "relay.allow_private_mx=true", f"relay.remote_port={sink.port}", "spam.spamd_host="]) as s:
+        d = f"rl{uuid.uuid4().hex[:8]}.example.test"
+        members_domain = f"m{uuid.uuid4().hex[:8]}.test"
+        point_mx(dns_server, members_domain, "127.0.0.1")
+        assert s.api("POST", "/v3/domains", data={"name": d}).status_code == 200
+        address = f"club@{d}"
+        assert s.api("POST", "/v3/lists", data={"address": address}).status_code == 200
+        people = [{"address": f"p{i}@{members_domain}", "name": f"Pat{i} Doe{i}", "vars": {"seat": i}} for i in range(3)]
+        s.api("POST", f"/v3/lists/{address}/members.json", data={"members": json.dumps(people)})
+        r = s.api("POST", f"/v3/{d}/messages", data={
+            "from": f"club@{d}", "to": address, "subject": "Seats",
+            "text": "Dear %recipient_fname%, seat %recipient.seat%. %mailing_list_unsubscribe_url%"})
+        assert r.status_code == 200, r.text
+        got = sink.wait_count(3, timeout=30)
+        for i in range(3):
+            (copy,) = [m for m in got if m.rcpt_tos == [f"p{i}@{members_domain}"]]
+            msg = email.message_from_bytes(copy.data, policy=policy.default)
+            assert f"Dear Pat{i}, seat {i}. {s.url}/unsubscribe/list/" in msg.get_content()
+            assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+            assert msg["To"] == address and copy.mail_from == f"club@{d}"
