@@ -60,6 +60,10 @@ def test_list_crud_and_errors(srv, dom):
     assert srv.api("POST", "/v3/lists", data={"address": "not-an-address"}).status_code == 400
     assert srv.api("POST", "/v3/lists", data={"address": f"x@{dom}", "access_level": "world"}).status_code == 400
     assert srv.api("POST", "/v3/lists", data={"address": "x@not-ours.test"}).status_code == 400
+    assert srv.api("PUT", f"/v3/lists/{address}", data={"address": "x@not-ours.test"}).status_code == 400
+    renamed = address.replace("list-", "renamed-")
+    assert srv.api("PUT", f"/v3/lists/{address}", data={"address": renamed}).json()["list"]["address"] == renamed
+    address = renamed
     d = srv.api("DELETE", f"/v3/lists/{address}")
     assert d.json() == {"address": address, "message": "Mailing list has been removed"}
     assert srv.api("GET", f"/v3/lists/{address}").status_code == 404

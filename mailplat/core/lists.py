@@ -176,6 +176,8 @@ async def update_list(ctx, address: str, form: dict) -> dict:
             if new != ml.address:
                 if MailingList.get_or_none(MailingList.address == new) is not None:
                     raise InputError("Mailing list already exists")
+                if Domain.get_or_none(Domain.name == new.rsplit("@", 1)[1]) is None:
+                    raise InputError(f"Domain {new.rsplit('@', 1)[1]} is not one of your domains")
                 ml.address, ml.domain = new, new.rsplit("@", 1)[1]
         if form.get("name") is not None:
             ml.name = form["name"][:255]
