@@ -9,6 +9,7 @@ connection carried it) and answers as scripted:
     sink.data_replies = ["451 4.3.0 Try later"]      # next DATA replies, in order; then 250
     sink.rcpt_replies["bad@x.test"] = "550 5.1.1 No such user"
     sink.stall_data()  /  sink.unstall()              # hold DATA replies until released
+    SmtpSink(tls_context=ctx, starttls_injection=b"250 fake\r\n")  # STARTTLS injection attack
     sink.wait_count(3)                                # wait until 3 messages were accepted
 """
 from __future__ import annotations
@@ -70,10 +71,36 @@ class _Handler:
         return "250 2.0.0 OK queued"
 
 
+class _InjectingSMTP(SMTP):
+    """Sends `injection` as plaintext right behind '220 Ready to start TLS' (the STARTTLS
+    response-injection attack a client must defeat by discarding its buffer)."""
+    injection = b""
+
+    async def push(self, status):
+        await super().push(status)
+        if self.injection and isinstance(status, str) and status.startswith("220 Ready to start TLS"):
+            self._writer.write(self.injection)
+            await self._writer.drain()
+
+
+class _Controller(Controller):
+    def __init__(self, *args, injection: bytes = b"", **kwargs):
+        self.injection = injection
+        super().__init__(*args, **kwargs)
+
+    def factory(self):
+        if not self.injection:
+            return super().factory()
+        server = _InjectingSMTP(self.handler, **self.SMTP_kwargs)
+        server.injection = self.injection
+        return server
+
+
 class SmtpSink:
     def __init__(self, tls_context=None, hostname: str = "mx.sink.test", port: int | None = None,
-                 host: str = "127.0.0.1"):
+                 host: str = "127.0.0.1", starttls_injection: bytes = b""):
         self.host = host
+        self.starttls_injection = starttls_injection
         self.port = port or free_port()
         self.tls_context = tls_context
         self.hostname = hostname
@@ -91,7 +118,8 @@ class SmtpSink:
         kwargs = {}
         if self.tls_context is not None:
             kwargs = {"tls_context": self.tls_context, "require_starttls": False}
-        self.controller = Controller(_Handler(self), hostname=self.host, port=self.port,
+        self.controller = _Controller(_Handler(self), hostname=self.host, port=self.port,
+                                      injection=self.starttls_injection,
                                      server_hostname=self.hostname, ready_timeout=10,
                                      data_size_limit=60 * 1024 * 1024, **kwargs)
         self.controller.start()

@@ -27,11 +27,11 @@ class Env:
         self.sinks: list[SmtpSink] = []
         self._next_ip = 10
 
-    def sink(self, tls_context=None) -> tuple[SmtpSink, str]:
+    def sink(self, tls_context=None, **kw) -> tuple[SmtpSink, str]:
         """A new remote MX on its own loopback address; returns it and its address."""
         self._next_ip += 1
         ip = f"127.0.0.{self._next_ip}"
-        sink = SmtpSink(tls_context=tls_context, host=ip, port=self.port).start()
+        sink = SmtpSink(tls_context=tls_context, host=ip, port=self.port, **kw).start()
         self.sinks.append(sink)
         return sink, ip
 
@@ -407,3 +407,19 @@ def test_unreachable_destination_is_temporary(env):
         assert "retry-seconds" in ev["delivery-status"]
     assert all(r["state"] == "queued" for r in queue_rows(env.db_url) if r["recipient"] in rcpts)
     env.server.cli("queue", "drop", mid)
+
+
+def test_plaintext_injected_before_the_tls_handshake_is_discarded(env):
+    """A man in the middle appends replies after '220 Ready to start TLS'; if the client kept
+    them, they would answer its first commands inside TLS and desynchronise the session."""
+    rdom = f"r{uuid.uuid4().hex[:8]}.example.test"
+    mx = f"mx.{rdom}"
+    injection = b"250-injected\r\n250 AUTH PLAIN\r\n250 2.1.0 Fake sender ok\r\n"
+    sink, ip = env.sink(tls_context=server_tls(env.ca, mx), starttls_injection=injection)
+    point_mx(env.dns, rdom, ip, mx)
+    rcpt = f"quinn@{rdom}"
+    send(env.server.data_dir, env.domain(), [rcpt], require_tls=True, subject="Injected?")
+    got = sink.wait_count(1)[0]
+    assert got.tls is True and got.rcpt_tos == [rcpt] and b"Subject: Injected?" in got.data
+    ds = env.wait_event(rcpt, "delivered")["delivery-status"]
+    assert ds["tls"] is True and ds["attempt-no"] == 1
