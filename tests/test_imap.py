@@ -438,6 +438,34 @@ def test_garbage_before_login_closes_after_many_errors(server):
     raw.close()
 
 
+def test_random_garbage_harms_no_one(server, addr):
+    import random
+    rnd = random.Random(4)
+    alphabet = b' (){}[]"\\*%+-.:<>0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcxyz\x00\x01\x7f\xff'
+    words = [b"FETCH", b"UID", b"SEARCH", b"APPEND", b"LIST", b"SELECT", b"STORE", b"{5}", b"{0}", b"{5+}",
+             b"BODY[1.2.3.HEADER.FIELDS (A B)]<0.5>", b"NOT", b"OR", b"(", b")", b"*", b"1:*", b"INBOX"]
+    for session in range(3):
+        raw = Raw(server.ports["imap"])
+        raw.cmd(b"a", f'LOGIN "{addr}" "{PASSWORD}"'.encode())
+        raw.cmd(b"b", b"SELECT INBOX")
+        for i in range(15):
+            parts = [rnd.choice(words) if rnd.random() < 0.6 else bytes(rnd.choice(alphabet) for _ in range(rnd.randint(1, 8)))
+                     for _ in range(rnd.randint(1, 12))]
+            line = b"t%d " % i + b" ".join(parts)
+            raw.send(line.replace(b"\r", b"").replace(b"\n", b"") + b"\r\n")
+        raw.sock.settimeout(0.5)
+        try:
+            while raw.line():
+                pass
+        except (TimeoutError, socket.timeout, ConnectionError, OSError):
+            pass
+        raw.close()
+    m = login(server, addr)  # the server and other sessions are fine
+    assert m.select("INBOX")[0] == "OK" and m.noop()[0] == "OK"
+    m.logout()
+    assert "imap command failed" not in server.logs()  # garbage is BAD/NO, never our own error
+
+
 # -- real clients ------------------------------------------------------------------------------
 def test_mbsync_pulls_byte_exact_copies(server, addr, tmp_path):
     import shutil
