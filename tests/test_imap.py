@@ -314,6 +314,7 @@ def test_small_commands_and_states(server, addr):
         m.fetch("1", "(FLAGS)")  # not selected
     for i in range(2):
         m.append("INBOX", r"(\Deleted)" if i == 0 else None, None, b"Subject: %d\r\n\r\nx\r\n" % i)
+    m.append("INBOX", "($NotDeleted)", None, b"Subject: kw\r\n\r\nx\r\n")  # a keyword, not \Deleted
     assert m.unsubscribe("Junk")[0] == "OK"
     assert b'"Junk"' not in b"".join(m.lsub()[1]) and b'"Sent"' in b"".join(m.lsub()[1])
     assert m.subscribe("Junk")[0] == "OK"
@@ -330,7 +331,7 @@ def test_small_commands_and_states(server, addr):
     assert typ == "OK" and data[0] == [b'"INBOX" ""'] and re.fullmatch(rb'"" \(STORAGE 1 1048576\)', data[1][0]), data
     assert m.setquota('""', "(STORAGE 1)")[0] == "NO"
     typ, data = m.status("INBOX", "(MESSAGES UNSEEN HIGHESTMODSEQ)")
-    assert re.search(rb"MESSAGES 1 UNSEEN 1 HIGHESTMODSEQ \d+", data[0]), data
+    assert re.search(rb"MESSAGES 2 UNSEEN 2 HIGHESTMODSEQ \d+", data[0]), data
     with pytest.raises(imaplib.IMAP4.error):
         m.fetch("1", "(FLAGS)")  # CLOSE left the selected state
     m.logout()

@@ -563,9 +563,13 @@ def store_flags_sync(folder_id: int, uids: list[int], flags: list[str], mode: in
 def expunge_sync(folder_id: int, uids: list[int] | None = None) -> list[int]:
     """Remove messages flagged \\Deleted (only among `uids` when given); returns their UIDs."""
     f = MailFolder.get_by_id(folder_id)
-    q = MailMessage.select(MailMessage.uid, MailMessage.size).where(
-        (MailMessage.folder == folder_id) & MailMessage.flags.contains("\\Deleted"))
-    gone = [(u, s) for u, s in q.tuples() if uids is None or u in set(uids)]
+    q = MailMessage.select(MailMessage.uid, MailMessage.size, MailMessage.flags).where(
+        (MailMessage.folder == folder_id) & MailMessage.flags.contains("Deleted"))
+    wanted = None if uids is None else set(uids)
+    # LIKE is only the coarse filter (a keyword such as $NotDeleted matches it too): the exact
+    # flag decides what is removed.
+    gone = [(u, s) for u, s, fl in q.tuples()
+            if "\\Deleted" in fl.split() and (wanted is None or u in wanted)]
     if not gone:
         return []
     gone_uids = [u for u, _ in gone]
