@@ -112,11 +112,6 @@ def test_sigterm_finishes_an_api_request_in_flight(tmp_path):
     assert payload["key"]["id"] in run_cli(srv.data_dir, "key", "list").stdout
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "aiohttp drops bytes that arrive after its shutdown began (RequestHandler.data_received "
-    "returns once close() was called), so a body still uploading at SIGTERM is cut off when "
-    "api shutdown_timeout expires; ApiService.stop must wait for in-flight requests before "
-    "runner.cleanup()"))
 def test_sigterm_finishes_a_request_whose_body_is_still_uploading(tmp_path):
     srv = start_server(tmp_path / "d", services=["api"])
     port = srv.ports["api"]

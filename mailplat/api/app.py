@@ -5,6 +5,7 @@ modules live in api/views/ and each has `setup(app, ctx)`.
 """
 from __future__ import annotations
 
+import asyncio
 import importlib
 
 from aiohttp import web
@@ -30,14 +31,33 @@ VIEW_MODULES = [
 ]
 
 CTX = web.AppKey("ctx", Context)
+INFLIGHT = web.AppKey("inflight", dict)
+
+
+def _inflight_counter(counts: dict):
+    """Counts requests being handled, so stop() can wait for them (bodies still uploading too)."""
+    @web.middleware
+    async def count(request: web.Request, handler):
+        counts["n"] += 1
+        try:
+            return await handler(request)
+        finally:
+            counts["n"] -= 1
+            if counts["n"] == 0:
+                counts["idle"].set()
+            else:
+                counts["idle"].clear()
+    return count
 
 
 def create_app(ctx: Context) -> web.Application:
     keys = KeyChecker(ctx.store)
     limiter = RateLimiter(ctx.config.api.domains_rate_limit_per_minute)
-    app = web.Application(middlewares=make_middlewares(keys, limiter),
+    inflight = {"n": 0, "idle": asyncio.Event()}
+    app = web.Application(middlewares=[_inflight_counter(inflight), *make_middlewares(keys, limiter)],
                           client_max_size=ctx.config.api.max_request_bytes)
     app[CTX] = ctx
+    app[INFLIGHT] = inflight
     for name in VIEW_MODULES:
         importlib.import_module(f"{__package__}.views.{name}").setup(app, ctx)
 
@@ -68,9 +88,20 @@ class ApiService:
         log.info("api listening", extra={"fields": {"port": port}})
         return {"api": port}
 
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()  # stops accepting, lets in-flight requests finish
+    async def stop(self, grace: float = 30.0) -> None:
+        """Stop accepting, let requests in flight (even ones still uploading) finish, close."""
+        if self.runner is None:
+            return
+        for site in list(self.runner.sites):
+            await site.stop()
+        inflight = self.runner.app[INFLIGHT]
+        if inflight["n"]:
+            inflight["idle"].clear()
+            try:
+                await asyncio.wait_for(inflight["idle"].wait(), grace)
+            except asyncio.TimeoutError:
+                log.warning("api stopping with %d requests still in flight", inflight["n"])
+        await self.runner.cleanup()
 
 
 def create(ctx: Context) -> ApiService:
