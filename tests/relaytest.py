@@ -3,7 +3,7 @@ read the store, publish a domain's DKIM key in the loopback DNS, and verify DKIM
 Mail::DKIM (libmail-dkim-perl), an implementation independent of the dkimpy that signs."""
 from __future__ import annotations
 
-import asyncio
+import email.utils
 import os
 import subprocess
 import tempfile
@@ -75,32 +75,21 @@ def db_url_of(data_dir: Path) -> str:
     return configmod.load(data_dir=Path(data_dir)).db_url
 
 
-def send(data_dir: Path, domain: str, to: list[str], subject: str = "Hello", text: str = "Hi there.\n",
+def send(server, domain: str, to: list[str], subject: str = "Hello", text: str = "Hi there.\n",
          **options) -> str:
-    """Queue a message through core.send.submit (the one send path) in this process; returns
-    the message id.  options: testmode, require_tls, skip_verification, deliver_at, dkim."""
-    from mailplat import config as configmod
-    from mailplat.core.context import Context
-    from mailplat.core.options import Options
-    from mailplat.core.send import SendRequest, submit
-    from mailplat.store.db import Store
-
-    cfg = configmod.load(data_dir=Path(data_dir))
-
-    async def go():
-        store = Store(cfg.db_url)
-        try:
-            ctx = Context(config=cfg, store=store)
-            opts = Options()
-            for key, value in options.items():
-                setattr(opts, key, value)
-            req = SendRequest(domain=domain, source="api", from_=f"Sender <sender@{domain}>", to=to,
-                              subject=subject, text=text, options=opts)
-            return (await submit(ctx, req)).message_id
-        finally:
-            store.close()
-
-    return asyncio.run(go())
+    """Queue a message through the HTTP API (POST /v3/<domain>/messages); returns the message
+    id.  options: testmode, require_tls, skip_verification (bools), deliver_at (epoch), dkim."""
+    data = {"from": f"Sender <sender@{domain}>", "to": list(to), "subject": subject, "text": text}
+    names = {"testmode": "o:testmode", "require_tls": "o:require-tls",
+             "skip_verification": "o:skip-verification", "dkim": "o:dkim"}
+    for key, value in options.items():
+        if key == "deliver_at":
+            data["o:deliverytime"] = email.utils.formatdate(value, usegmt=True)
+        else:
+            data[names[key]] = "yes" if value else "no"
+    r = server.api("POST", f"/v3/{domain}/messages", data=data)
+    assert r.status_code == 200, r.text
+    return r.json()["id"].strip("<>")
 
 
 def events(db_url: str, recipient: str | None = None, kind: str | None = None) -> list[dict]:

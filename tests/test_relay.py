@@ -122,7 +122,7 @@ def test_tls_with_verified_certificate(env):
     sink, ip = env.sink(tls_context=server_tls(env.ca, mx))
     point_mx(env.dns, rdom, ip, mx)
     rcpt = f"bob@{rdom}"
-    send(env.server.data_dir, env.domain(require_tls="true"), [rcpt])
+    send(env.server, env.domain(require_tls="true"), [rcpt])
     got = sink.wait_count(1)[0]
     assert got.tls is True
     ds = env.wait_event(rcpt, "delivered")["delivery-status"]
@@ -166,7 +166,7 @@ def test_self_signed_target_with_opportunistic_tls_falls_back_to_plaintext(env):
     sink, ip = env.sink(tls_context=self_signed_context(env.tmp, mx))
     point_mx(env.dns, rdom, ip, mx)
     rcpt = f"dave@{rdom}"
-    send(env.server.data_dir, env.domain(), [rcpt])  # require_tls false, skip_verification false
+    send(env.server, env.domain(), [rcpt])  # require_tls false, skip_verification false
     got = sink.wait_count(1)[0]
     assert got.tls is False
     ds = env.wait_event(rcpt, "delivered")["delivery-status"]
@@ -179,7 +179,7 @@ def test_skip_verification_accepts_self_signed_over_tls(env):
     sink, ip = env.sink(tls_context=self_signed_context(env.tmp, "someone-else.test"))
     point_mx(env.dns, rdom, ip, mx)
     rcpt = f"erin@{rdom}"
-    send(env.server.data_dir, env.domain(), [rcpt], require_tls=True, skip_verification=True)
+    send(env.server, env.domain(), [rcpt], require_tls=True, skip_verification=True)
     got = sink.wait_count(1)[0]
     assert got.tls is True
     ds = env.wait_event(rcpt, "delivered")["delivery-status"]
@@ -191,7 +191,7 @@ def test_hostname_mismatch_is_refused_when_verifying(env):
     sink, ip = env.sink(tls_context=server_tls(env.ca, "other-host.example.test"))
     point_mx(env.dns, rdom, ip)
     rcpt = f"frank@{rdom}"
-    mid = send(env.server.data_dir, env.domain(require_tls="true"), [rcpt])
+    mid = send(env.server, env.domain(require_tls="true"), [rcpt])
     ev = env.wait_event(rcpt, "failed")
     assert ev["severity"] == "temporary"
     assert "certificate verification failed" in ev["delivery-status"]["message"]
@@ -203,7 +203,7 @@ def test_required_tls_without_starttls_never_sends_plaintext(env):
     sink, ip = env.sink()  # no STARTTLS offered
     rdom, mx = env.rcpt_domain(ip)
     rcpt = f"gina@{rdom}"
-    mid = send(env.server.data_dir, env.domain(), [rcpt], require_tls=True)
+    mid = send(env.server, env.domain(), [rcpt], require_tls=True)
     ev = env.wait_event(rcpt, "failed")
     assert ev["severity"] == "temporary"
     assert "does not offer STARTTLS" in ev["delivery-status"]["message"]
@@ -217,7 +217,7 @@ def test_temporary_failure_then_delivered_on_retry(env):
     sink.data_replies = ["451 4.3.0 Greylisted, try again"]
     rdom, mx = env.rcpt_domain(ip)
     rcpt = f"hank@{rdom}"
-    send(env.server.data_dir, env.domain(), [rcpt])
+    send(env.server, env.domain(), [rcpt])
     failed = env.wait_event(rcpt, "failed")
     assert failed["severity"] == "temporary" and failed["reason"] == "generic"
     ds = failed["delivery-status"]
@@ -236,7 +236,7 @@ def test_permanent_failure_bounces_and_suppresses_later_sends(env):
     rcpt = f"ivan@{rdom}"
     sink.rcpt_replies[rcpt] = "550 5.1.1 No such user here"
     sender = env.domain()
-    send(env.server.data_dir, sender, [rcpt])
+    send(env.server, sender, [rcpt])
     ev = env.wait_event(rcpt, "failed")
     assert ev["severity"] == "permanent" and ev["reason"] == "bounce"
     assert ev["delivery-status"]["code"] == 550 and ev["delivery-status"]["enhanced-code"] == "5.1.1"
@@ -260,7 +260,7 @@ def test_policy_rejection_is_permanent_without_bounce(env):
     rdom, _ = env.rcpt_domain(ip)
     rcpt = f"judy@{rdom}"
     sender = env.domain()
-    send(env.server.data_dir, sender, [rcpt])
+    send(env.server, sender, [rcpt])
     ev = env.wait_event(rcpt, "failed")
     assert ev["severity"] == "permanent" and ev["reason"] == "espblock"
     assert bounces(env.db_url, sender) == []
@@ -273,7 +273,7 @@ def test_dns_verdicts(env):
     env.dns.add(null, "MX", "0 .")
     broken = f"sf{uuid.uuid4().hex[:8]}.example.test"
     env.dns.set_rcode(broken, "SERVFAIL")
-    mid = send(env.server.data_dir, sender, [f"a@{nx}", f"b@{null}", f"c@{broken}"])
+    mid = send(env.server, sender, [f"a@{nx}", f"b@{null}", f"c@{broken}"])
     e_nx = env.wait_event(f"a@{nx}", "failed")
     assert e_nx["severity"] == "permanent" and "NXDOMAIN" in e_nx["delivery-status"]["message"]
     e_null = env.wait_event(f"b@{null}", "failed")
@@ -297,7 +297,7 @@ def test_implicit_mx_from_address_record(env):
     rdom = f"a{uuid.uuid4().hex[:8]}.example.test"
     env.dns.add(rdom, "A", ip)  # no MX: deliver to the domain's own address
     rcpt = f"kim@{rdom}"
-    send(env.server.data_dir, env.domain(), [rcpt])
+    send(env.server, env.domain(), [rcpt])
     assert sink.wait_count(1)[0].rcpt_tos == [rcpt]
     assert env.wait_event(rcpt, "delivered")["delivery-status"]["mx-host"] == rdom
 
@@ -321,7 +321,7 @@ def test_one_connection_carries_many_messages(env):
     sink, ip = env.sink()
     rdom, _ = env.rcpt_domain(ip)
     rcpts = [f"user{i}@{rdom}" for i in range(30)]
-    send(env.server.data_dir, env.domain(), rcpts)
+    send(env.server, env.domain(), rcpts)
     got = sink.wait_count(30)
     assert sorted(r for m in got for r in m.rcpt_tos) == sorted(rcpts)
     connections = {m.connection for m in got}
@@ -333,7 +333,7 @@ def test_dkim_off_sends_unsigned(env):
     sink, ip = env.sink()
     rdom, _ = env.rcpt_domain(ip)
     rcpt = f"max@{rdom}"
-    send(env.server.data_dir, env.domain(), [rcpt], dkim=False)
+    send(env.server, env.domain(), [rcpt], dkim=False)
     got = sink.wait_count(1)[0]
     assert b"DKIM-Signature" not in got.data
 
@@ -345,13 +345,15 @@ def test_queue_cli_hold_release_show_list(env):
     sink.stall_data()
     # Scheduled far ahead so the relay leaves it alone while we hold it.
     import time
-    mid = send(env.server.data_dir, env.domain(), [rcpt], deliver_at=time.time() + 3600)
+    mid = send(env.server, env.domain(), [rcpt], deliver_at=time.time() + 3600)
     out = env.server.cli("queue", "hold", mid).stdout
     assert "held 1" in out
     show = env.server.cli("queue", "show", mid).stdout
     assert "state: held" in show and rcpt in show
     listing = env.server.cli("queue", "list", "--state", "held").stdout
-    assert rcpt in listing
+    line = next(ln for ln in listing.splitlines() if rcpt in ln)
+    queue_id = line.split("\t")[0]
+    assert "state: held" in env.server.cli("queue", "show", queue_id).stdout  # by queue id too
     assert "released 1" in env.server.cli("queue", "release", mid).stdout
     sink.unstall()
     assert "retried 1" in env.server.cli("queue", "retry", mid).stdout  # due now
@@ -391,7 +393,7 @@ def test_falls_back_to_the_next_mx_when_the_first_is_down(env):
     env.dns.add(f"down.{rdom}", "A", "127.0.0.250")  # nothing listens there
     env.dns.add(f"up.{rdom}", "A", ip)
     rcpt = f"olga@{rdom}"
-    send(env.server.data_dir, env.domain(), [rcpt])
+    send(env.server, env.domain(), [rcpt])
     assert sink.wait_count(1)[0].rcpt_tos == [rcpt]
     assert env.wait_event(rcpt, "delivered")["delivery-status"]["mx-host"] == f"up.{rdom}"
 
@@ -400,7 +402,7 @@ def test_unreachable_destination_is_temporary(env):
     rdom = f"r{uuid.uuid4().hex[:8]}.example.test"
     point_mx(env.dns, rdom, "127.0.0.251")  # nothing listens there
     rcpts = [f"p{i}@{rdom}" for i in range(3)]
-    mid = send(env.server.data_dir, env.domain(), rcpts)
+    mid = send(env.server, env.domain(), rcpts)
     for rcpt in rcpts:
         ev = env.wait_event(rcpt, "failed")
         assert ev["severity"] == "temporary" and ev["delivery-status"]["code"] == 451
@@ -418,7 +420,7 @@ def test_plaintext_injected_before_the_tls_handshake_is_discarded(env):
     sink, ip = env.sink(tls_context=server_tls(env.ca, mx), starttls_injection=injection)
     point_mx(env.dns, rdom, ip, mx)
     rcpt = f"quinn@{rdom}"
-    send(env.server.data_dir, env.domain(), [rcpt], require_tls=True, subject="Injected?")
+    send(env.server, env.domain(), [rcpt], require_tls=True, subject="Injected?")
     got = sink.wait_count(1)[0]
     assert got.tls is True and got.rcpt_tos == [rcpt] and b"Subject: Injected?" in got.data
     ds = env.wait_event(rcpt, "delivered")["delivery-status"]

@@ -30,10 +30,10 @@ def test_kill_9_mid_delivery_then_restart_delivers_everything(tmp_path, dns_serv
         rcpts = [f"user{i}@{rdom}" for i in range(N)]
         sink.data_replies = []
         # A few go through, then the remote MX stalls in DATA with deliveries in flight.
-        send(server.data_dir, sender, rcpts[:5], subject="before")
+        send(server, sender, rcpts[:5], subject="before")
         sink.wait_count(5)
         sink.stall_data()
-        send(server.data_dir, sender, rcpts[5:], subject="during")
+        send(server, sender, rcpts[5:], subject="during")
         wait_for(lambda: len(sink.stalled_sessions) >= 2, timeout=20, what="deliveries stuck in DATA")
         server.proc.kill()  # SIGKILL: no cleanup, leases left behind
         server.proc.wait(10)
@@ -73,7 +73,7 @@ def test_slow_delivery_keeps_its_lease_so_a_second_relay_never_sends_it_too(tmp_
         point_mx(dns_server, rdom, "127.0.0.1")
         rcpts = [f"slow{i}@{rdom}" for i in range(6)]
         sink.stall_data()
-        send(server.data_dir, sender, rcpts)
+        send(server, sender, rcpts)
         wait_for(lambda: len(sink.stalled_sessions) >= 1, timeout=20, what="a delivery stuck in DATA")
         db = db_url_of(server.data_dir)
         first = {r["id"]: r["lease_until"] for r in queue_rows(db) if r["lease_owner"]}
@@ -106,7 +106,7 @@ def test_sigterm_releases_waiting_rows_and_finishes_the_one_in_flight(tmp_path, 
         point_mx(dns_server, rdom, "127.0.0.1")
         rcpts = [f"t{i}@{rdom}" for i in range(10)]
         sink.stall_data()
-        send(server.data_dir, sender, rcpts)
+        send(server, sender, rcpts)
         db = db_url_of(server.data_dir)
         wait_for(lambda: len(sink.stalled_sessions) == 1, timeout=20, what="a delivery stuck in DATA")
         wait_for(lambda: sum(1 for r in queue_rows(db) if r["lease_owner"]) == 10, timeout=10,

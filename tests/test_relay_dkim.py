@@ -61,3 +61,12 @@ def test_openssl_rsa_step_gives_the_same_bytes_as_dkimpy(key):
 def test_bad_key_is_a_signing_error():
     with pytest.raises(signer.SigningError):
         signer.sign(MSG, "example.test", "mx1", "-----BEGIN RSA PRIVATE KEY-----\nnope\n-----END RSA PRIVATE KEY-----\n")
+
+
+def test_bare_cr_and_lf_are_normalised_before_signing(key):
+    raw = b"From: a@example.test\nSubject: x\r\n\r\nline one\nline two\rline three\r\n"
+    assert signer.normalize_crlf(raw) == (b"From: a@example.test\r\nSubject: x\r\n\r\n"
+                                          b"line one\r\nline two\r\nline three\r\n")
+    signed = signer.sign(raw, "example.test", "mx1", key.private_key_pem)
+    assert b"\r" not in signed.replace(b"\r\n", b"") and b"\n" not in signed.replace(b"\r\n", b"")
+    assert verify(signed, key)

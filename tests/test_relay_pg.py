@@ -43,7 +43,7 @@ def test_two_relays_on_postgres_deliver_each_message_exactly_once(tmp_path, dns_
             for d in rdoms:
                 point_mx(dns_server, d, "127.0.0.1")
             rcpts = [f"user{i}@{rdoms[i % 4]}" for i in range(N)]
-            send(data_dir, sender, rcpts, subject="exactly once")
+            send(first, sender, rcpts, subject="exactly once")
             notify(db_url)
             wait_for(lambda: sink.count() >= N and all(r["state"] == "delivered" for r in queue_rows(db_url)),
                      timeout=240, interval=0.5, what=f"{N} deliveries")

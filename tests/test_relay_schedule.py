@@ -55,14 +55,14 @@ def test_scheduled_mail_is_not_sent_before_its_time(env):
     rdom = rcpt_domain(env)
     later, now_rcpt = f"later@{rdom}", f"now@{rdom}"
     deliver_at = time.time() + 2 * 3600
-    send(env["server"].data_dir, env["sender"], [later], subject="scheduled", deliver_at=deliver_at)
-    send(env["server"].data_dir, env["sender"], [now_rcpt], subject="immediate")
+    send(env["server"], env["sender"], [later], subject="scheduled", deliver_at=deliver_at)
+    send(env["server"], env["sender"], [now_rcpt], subject="immediate")
     # The relay is running and delivering: the immediate one arrives, the scheduled one waits.
     wait_for(lambda: env["sink"].to(now_rcpt), timeout=20, what="the immediate message")
     advance(env, 3600)  # one hour on: still an hour early
     wait_for(lambda: queue_rows(env["db"], later)[0]["next_attempt_at"] == pytest.approx(deliver_at),
              timeout=5, what="the scheduled row")
-    send(env["server"].data_dir, env["sender"], [f"probe@{rdom}"], subject="probe")
+    send(env["server"], env["sender"], [f"probe@{rdom}"], subject="probe")
     wait_for(lambda: env["sink"].to(f"probe@{rdom}"), timeout=20, what="a message sent after the clock moved")
     assert env["sink"].to(later) == []
     row = queue_rows(env["db"], later)[0]
@@ -78,7 +78,7 @@ def test_temporary_failures_past_the_lifetime_become_permanent(env):
     rdom = rcpt_domain(env)
     rcpt = f"slow@{rdom}"
     env["sink"].rcpt_replies[rcpt] = "452 4.2.2 Mailbox full, try later"
-    send(env["server"].data_dir, env["sender"], [rcpt])
+    send(env["server"], env["sender"], [rcpt])
     first = wait_for(lambda: events(env["db"], rcpt, "failed"), timeout=20, what="first failure")[0]
     assert first["severity"] == "temporary"
     advance(env, LIFETIME + 1)

@@ -69,7 +69,7 @@ def cmd_queue(args) -> int:
     cfg = _load(args)
     store = _open_store(cfg)
     try:
-        with store.sync():
+        with queue.admin_transaction(store):
             if args.queue_cmd == "list":
                 rows = queue.list_sync(args.state, args.domain, args.limit)
                 print("\t".join(["id", "state", "attempts", "next attempt", "message id", "recipient", "last error"]))

@@ -20,6 +20,7 @@ import logging
 import select
 import threading
 import time
+from contextlib import contextmanager
 from typing import Callable, Iterable
 
 import peewee
@@ -191,6 +192,21 @@ def lifetime_start_sync(item: QueueItem) -> float:
 
 
 # -- `mailplat queue` -------------------------------------------------------------------------
+@contextmanager
+def admin_transaction(store):
+    """A write transaction for a separate process (the CLI) sharing the store with running
+    services.  On SQLite it takes the write lock up front (BEGIN IMMEDIATE), so it waits on the
+    busy timeout instead of failing with "database is locked" when a service commits between
+    its reads and its writes."""
+    store.db.connect(reuse_if_open=True)
+    if isinstance(store.db, peewee.SqliteDatabase):
+        with store.db.atomic(lock_type="IMMEDIATE"):
+            yield
+    else:
+        with store.db.atomic():
+            yield
+
+
 def find_sync(ref: str) -> list[QueueItem]:
     """Rows named by a queue id (digits) or a message id (with or without <>)."""
     ref = ref.strip()
