@@ -96,6 +96,16 @@ def _bounds_asked(q: dict, now: float) -> tuple[float | None, float | None]:
     return lo, hi
 
 
+def _after(ts: float, rid: int):
+    """Keyset position test written so the (domain, ..., timestamp) index bounds the scan: the
+    plain range comes first, the tie-break on the row id second."""
+    return (Event.timestamp >= ts) & ((Event.timestamp > ts) | (Event.id > rid))
+
+
+def _before(ts: float, rid: int):
+    return (Event.timestamp <= ts) & ((Event.timestamp < ts) | (Event.id < rid))
+
+
 def _page_sync(domain: str, q: dict, pos: list | None, back: bool, now: float, retention: float = 0.0):
     """One page in presentation order: (items, first position, last position, exists)."""
     if Domain.get_or_none(Domain.name == domain) is None:
@@ -112,9 +122,9 @@ def _page_sync(domain: str, q: dict, pos: list | None, back: bool, now: float, r
     if pos is not None:
         ts, rid = float(pos[0]), int(pos[1])
         if asc:
-            conds.append((Event.timestamp > ts) | ((Event.timestamp == ts) & (Event.id > rid)))
+            conds.append(_after(ts, rid))
         else:
-            conds.append((Event.timestamp < ts) | ((Event.timestamp == ts) & (Event.id < rid)))
+            conds.append(_before(ts, rid))
     order = [Event.timestamp.asc(), Event.id.asc()] if asc else [Event.timestamp.desc(), Event.id.desc()]
     keep = eventquery.python_filter(trees, settled)
     limit = q["limit"]
@@ -138,9 +148,7 @@ def _page_sync(domain: str, q: dict, pos: list | None, back: bool, now: float, r
                 return _present(found, back), [last_ts, last_id]
             break
         last_ts, last_id = rows[-1][1], rows[-1][0]
-        cursor_conds = conds + [((Event.timestamp > last_ts) | ((Event.timestamp == last_ts) & (Event.id > last_id)))
-                                if asc else
-                                ((Event.timestamp < last_ts) | ((Event.timestamp == last_ts) & (Event.id < last_id)))]
+        cursor_conds = conds + [_after(last_ts, last_id) if asc else _before(last_ts, last_id)]
     return _present(found, back), None
 
 
