@@ -134,7 +134,9 @@ def legacy_body(kind: str, domain: str, data: dict, sig: dict) -> bytes:
                    ("notification", status.get("description", ""))]
     elif kind == "drop":
         reason = data.get("reason", "")
-        legacy_reason = {"old": "old", "maxfails": "maxfails"}.get(reason, "hardfail")
+        # The seed's two words: a soft bounce retried until the limit is "maxfails", anything
+        # else (hard bounce, do-not-send list) "hardfail".
+        legacy_reason = "maxfails" if reason in ("old", "maxfails") else "hardfail"
         fields += [("reason", legacy_reason), ("code", str(status.get("code", ""))),
                    ("description", status.get("description") or status.get("message", ""))]
     elif kind in ("open", "click"):
