@@ -218,3 +218,22 @@ def test_text_only_and_per_message_switches(env):
     send(env, html_only, html=f'<a href="{LINK}">x</a>', **{"o:tracking-clicks": "htmlonly", "o:tracking-opens": "no"})
     _, parts = received(env, html_only)
     assert LINK in parts["text/plain"] and LINK not in parts["text/html"] and "<img" not in parts["text/html"]
+
+
+def test_tag_unsubscribe_link(env):
+    rcpt = f"tagged@{env['rdom']}"
+    send(env, rcpt, text="Leave the digest: %tag_unsubscribe_url%\n", **{"o:tag": ["digest", "weekly"],
+                                                                            "o:tracking-clicks": "no"})
+    _, parts = received(env, rcpt)
+    link = re.search(r"Leave the digest: (\S+)", parts["text/plain"]).group(1)
+    assert link.startswith(f"http://email.{env['dom']}/u/")
+    assert fetch(env, link, method="POST").status_code == 200  # RFC 8058 one-click
+    got = env["server"].api("GET", f"/v3/{env['dom']}/unsubscribes/{rcpt}").json()
+    assert sorted(got["tags"]) == ["digest", "weekly"]
+    mid = send(env, rcpt, text="more", **{"o:tag": "digest"})
+    dropped = wait_for(lambda: events(env, event="failed", **{"message-id": mid}), what="tag drop")[0]
+    assert dropped["reason"] == "suppress-unsubscribe"
+    other = f"other-{uuid.uuid4().hex[:6]}"
+    send(env, rcpt, text=other, **{"o:tag": "announcements"})
+    wait_for(lambda: [m for m in env["sink"].to(rcpt) if other.encode() in m.data], timeout=30,
+             what="mail with another tag delivered")
