@@ -30,6 +30,8 @@ from ..store.models import Message
 PLACEHOLDER = re.compile(
     r"%(recipient(?:\.[^%\s<>\"']{1,128})?|recipient_fname|recipient_lname"
     r"|(?:tag_|mailing_list_)?unsubscribe_(?:url|email))%")
+# Mailgun's own placeholders in a message that is otherwise sent as stored.
+_UNSUB_PLACEHOLDER = re.compile(rb"%(?:tag_|mailing_list_)?unsubscribe_(?:url|email)%")
 # Headers never substituted (structure, identity, trace).
 _FIXED = {"content-type", "content-transfer-encoding", "mime-version", "message-id", "date",
           "to", "dkim-signature", "received", "content-id", "content-disposition"}
@@ -115,7 +117,7 @@ def for_recipient(message: Message, raw: bytes, recipient: str, extra: dict | No
     `tracking` (a core.tracking.Plan) adds footers, fills the unsubscribe URLs, rewrites links
     and adds the open pixel (HTML parts only)."""
     rv = message.recipient_variables
-    if not rv and (tracking is None or (not tracking.active and b"%" not in raw)):
+    if not rv and (tracking is None or (not tracking.active and not _UNSUB_PLACEHOLDER.search(raw))):
         return raw
     vars_ = (rv or {}).get(recipient)
     if vars_ is None:

@@ -156,8 +156,8 @@ def _flag(value, default: bool) -> bool:
 
 def plan_sync(message: Message, recipient: str, domain: Domain | None) -> Plan | None:
     """What to do for this copy (inside the relay's store read); None = nothing to track."""
-    if domain is None:
-        return None
+    if domain is None or message.source == "route":
+        return None  # forwarded inbound mail is passed on as it came, never tracked
     if _aead is None:
         secret_sync()
         if _aead is None:
