@@ -152,3 +152,12 @@ def test_drops_with_reasons_and_codes(server):
     # Without the tag, the tag-level unsubscribe does not apply.
     mid2 = _send(server, d, ["news@x.test", "all@x.test"], **{"o:tag": "other", "o:testmode": "yes"})
     assert set(_failed(server, d, mid2)) == {"all@x.test"}
+
+
+def test_python_sdk_stream_walks_every_page(server):
+    d = make_domain(server, "stream-suppr.example.test")
+    addrs = sorted(f"s{i:02d}@x.test" for i in range(11))
+    assert server.api("POST", f"/v3/{d}/unsubscribes", json=[{"address": a} for a in addrs]).status_code == 200
+    client = Client(auth=("api", server.key), api_url=server.url)
+    got = [item["address"] for item in client.unsubscribes.stream(filters={"limit": 4}, domain=d)]
+    assert got == addrs
