@@ -1,8 +1,10 @@
-"""Suppressions checked at send time: addresses that bounced before are not attempted again.
+"""Suppressions checked at send time: addresses that bounced before (or unsubscribed or
+complained: core.tracking_lists) are not attempted again.
 
-Owns the bounce check (`bounced_sync`, run inside a store read by core.send) and the `failed`
-event a suppressed recipient gets (reason `suppress-bounce`, delivery-status code 605, as
-Mailgun reports a drop).  The relay adds rows to store.models.Bounce on permanent failures; the
+Owns the bounce check (`bounced_sync`; `suppressed_sync` adds the other lists, run inside
+core.send's transaction) and the `failed` event a suppressed recipient gets (reason
+suppress-bounce / suppress-unsubscribe / suppress-complaint with delivery-status code
+605 / 606 / 607, as Mailgun reports a drop and Ghost reads it).  The relay adds rows to store.models.Bounce on permanent failures; the
 suppressions API (tracking issue) manages them.
 """
 from __future__ import annotations

@@ -5,11 +5,20 @@ an allowlisted address or domain is never bounce-suppressed; an address unsubscr
 of the domain's mail (`*`) or from one of the message's tags is dropped with
 suppress-unsubscribe; one that complained with suppress-complaint), and the writers the
 tracking endpoints (core.tracking) and feedback reports (core.feedback) use to add entries.
-The suppressions API (api/views/suppressions.py) manages the same rows.
+Also the suppressions API's reads and writes for all four lists (bounces too): entry
+validation from JSON, forms and CSV, address-ordered paging, get, delete; the API view
+(api/views/suppressions.py) is a thin adapter over them.
 """
 from __future__ import annotations
 
+import csv
+import io
+import re
+
+from ..errors import InputError, NotFound
+from ..store.models import Bounce, Domain
 from ..store.tracking_models import Complaint, Unsubscribe, Whitelist
+from .timefmt import parse_time, rfc2822
 
 
 def _chunks(values: list, n: int = 500):
@@ -70,13 +79,6 @@ def add_complaint_sync(domain: str, address: str, now: float) -> None:
 
 
 # -- the suppressions API's reads and writes (inside store transactions) ---------------------------
-import csv  # noqa: E402
-import io  # noqa: E402
-import re  # noqa: E402
-
-from ..errors import InputError, NotFound  # noqa: E402
-from ..store.models import Bounce, Domain  # noqa: E402
-from .timefmt import parse_time, rfc2822  # noqa: E402
 
 KINDS = ("bounces", "unsubscribes", "complaints", "whitelists")
 MAX_BATCH = 1000
