@@ -90,7 +90,8 @@ def build(db_url: str, total: int, now: float) -> None:
                        f"('benchdom', '{DOMAIN}', 'active', 'custom', {now}, 'postmaster@{DOMAIN}', 'disabled', "
                        "false, false, 'mailo', 1024, 'http', 'email', '[]', false, false, false, false, false, '', '', "
                        "false, '{}')")
-        sql = PG_FILL if db_url.startswith("postgres") else SQLITE_FILL
+        # psycopg2 reads % as a parameter marker.
+        sql = PG_FILL.replace(" % ", " %% ") if db_url.startswith("postgres") else SQLITE_FILL
         for start in range(0, total, chunk):
             stop = min(total, start + chunk) - 1
             with db.atomic():

@@ -14,6 +14,9 @@ signature = hex(HMAC-SHA256(signing key, timestamp + token)) (core.signing); a l
 form-encoded with the same three fields.  Every post also carries
 `X-Mailplat-Signature: sha256=<hex HMAC-SHA256(signing key, whole body)>`, which Mailgun lacks.
 A URL with user:password@ is called with HTTP Basic auth (the userinfo leaves the URL).
+Also here: `replay_failed_sync` (the CLI's `mailplat webhooks replay`) and the events
+retention purge (`run_retention`, started by the hooks service; [tracking]
+events_retention_days, 0 = forever).
 """
 from __future__ import annotations
 
