@@ -242,3 +242,37 @@ def test_read_sees_committed_write(store):
             lambda: [b.address for b in models.Bounce.select().where(models.Bounce.domain == domain)])
 
     assert asyncio.run(go()) == ["seen@x.test"]
+
+
+def test_background_writes_yield_to_foreground(db_url):
+    """A foreground write submitted behind many background jobs commits in a group that
+    carries at most a few of them."""
+    import asyncio
+    import threading
+
+    from mailplat.store.db import BACKGROUND_PER_GROUP, Store
+    from mailplat.store.models import Bounce
+
+    store = Store(db_url)
+    store.migrate()
+    gate = threading.Event()
+    order: list[str] = []
+
+    async def main():
+        # The first job holds the writer until everything below is queued behind it.
+        blocker = asyncio.ensure_future(store.write(lambda: gate.wait(10)))
+        bg = [asyncio.ensure_future(store.write_background(
+            lambda i=i: (order.append(f"b{i}"), Bounce.create(domain="bg.test", address=f"{i}@x"))))
+            for i in range(20)]
+        fg = asyncio.ensure_future(store.write(lambda: order.append("fg")))
+        await asyncio.sleep(0)  # let every submission reach the writer's queue
+        await asyncio.get_running_loop().run_in_executor(None, gate.set)
+        await asyncio.gather(blocker, fg, *bg)
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()
+    # The blocker's group and the foreground job's group may each carry a share of them.
+    assert order.index("fg") <= 2 * BACKGROUND_PER_GROUP
+    assert sorted(order) == sorted(["fg"] + [f"b{i}" for i in range(20)])

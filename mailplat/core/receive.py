@@ -258,7 +258,7 @@ async def deliver_due(ctx) -> int:
         await pre(ctx)
     total = 0
     while True:
-        n, folders = await ctx.store.write(_deliver_batch, ctx.clock(), ctx.config.server.hostname,
+        n, folders = await ctx.store.write_background(_deliver_batch, ctx.clock(), ctx.config.server.hostname,
                                            ctx.store.is_postgres)
         if folders:
             mailboxes.changed(*folders)

@@ -343,7 +343,7 @@ def _finish(job_id: int, error: str | None, now: float) -> None:
 async def process_due(ctx) -> int:
     total = 0
     while True:
-        jobs = await ctx.store.write(_claim, ctx.clock(), ctx.store.is_postgres)
+        jobs = await ctx.store.write_background(_claim, ctx.clock(), ctx.store.is_postgres)
         for data in jobs:
             error = None
             try:
@@ -351,7 +351,7 @@ async def process_due(ctx) -> int:
             except Exception as exc:  # noqa: BLE001 - the job is retried later
                 log.exception("route job failed; will retry", extra={"fields": {"job": data["id"]}})
                 error = f"{type(exc).__name__}: {exc}"
-            await ctx.store.write(_finish, data["id"], error, ctx.clock())
+            await ctx.store.write_background(_finish, data["id"], error, ctx.clock())
         total += len(jobs)
         if len(jobs) < CLAIM:
             return total

@@ -110,13 +110,13 @@ async def deliver_due(ctx, session) -> int:
     hooks = ctx.config.hooks
     total = 0
     while True:
-        items = await ctx.store.write(_claim, ctx.clock(), hooks.timeout * 2 + 30, ctx.store.is_postgres)
+        items = await ctx.store.write_background(_claim, ctx.clock(), hooks.timeout * 2 + 30, ctx.store.is_postgres)
         if not items:
             return total
         results = await asyncio.gather(*(_post(session, it, hooks.allow_private_targets) for it in items))
         for it, (status, error) in zip(items, results):
             schedule, max_attempts = _schedule(ctx.config, it["kind"])
-            state = await ctx.store.write(_record, it["id"], status, error, ctx.clock(),
+            state = await ctx.store.write_background(_record, it["id"], status, error, ctx.clock(),
                                           schedule, max_attempts)
             log.info("hook post", extra={"fields": {"outbox": it["id"], "status": status, "state": state,
                                                     "error": error}})

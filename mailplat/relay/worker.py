@@ -246,7 +246,7 @@ class Worker:
                 pass
 
     async def _claim(self, limit: int) -> int:
-        ids = await self.ctx.store.write(queue.claim_sync, self.owner, self.clock(),
+        ids = await self.ctx.store.write_background(queue.claim_sync, self.owner, self.clock(),
                                          self.cfg.lease_seconds, limit)
         if not ids:
             return 0
@@ -394,12 +394,12 @@ class Worker:
         now = self.clock()
         try:
             if delivered:
-                await self.ctx.store.write(outcome.delivered_sync, job.item, self.owner, result, now, test_mode)
+                await self.ctx.store.write_background(outcome.delivered_sync, job.item, self.owner, result, now, test_mode)
                 self.delivered += 1
                 logs.event(log, "delivered", queue_id=job.item.id, recipient=job.item.recipient,
                            mx_host=result.mx_host, code=result.code, tls=result.tls)
             else:
-                decided = await self.ctx.store.write(outcome.failed_sync, job.item, self.owner, result, now,
+                decided = await self.ctx.store.write_background(outcome.failed_sync, job.item, self.owner, result, now,
                                                      self.cfg.retry_schedule, self.cfg.max_lifetime_seconds)
                 logs.event(log, "delivery failed", level=logging.WARNING, queue_id=job.item.id,
                            recipient=job.item.recipient, code=result.code, error=result.message,

@@ -8,6 +8,12 @@ Mechanism (chosen once, here): peewee runs in threads.
   commits once.  A job's future resolves only after that commit returned, so "200"/"250" said
   after `await store.write(...)` means the data is on disk (SQLite WAL + synchronous=FULL;
   PostgreSQL's default synchronous_commit).  A failing job rolls back only its savepoint.
+  `Store.write_background` is the same for work nobody is waiting on (inbound delivery, relay
+  outcomes): each group takes every waiting foreground job but only a few background ones, so
+  a heavy background batch never sits in front of an SMTP client's 250 for long.
+- SQLite write groups start with BEGIN IMMEDIATE (several processes may share the file: the
+  lock is taken, and waited for, before any statement runs), and a checkpointer thread copies
+  the WAL back into the database off the commit path.
 - Synchronous callers (CLI, migrations, worker threads) use `Store.sync()`.
 
 SQLite is the default (a file in the data dir); PostgreSQL comes from a postgresql:// URL.
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import queue
+from collections import deque
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,6 +40,8 @@ from . import models
 T = TypeVar("T")
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 MAX_GROUP = 512
+BACKGROUND_PER_GROUP = 2  # background jobs joined to a group that has foreground jobs
+CHECKPOINT_SECONDS = 1.0
 MIGRATION_LOCK_ID = 0x6D61696C706C6174  # 'mailplat'
 
 IntegrityError = peewee.IntegrityError
@@ -53,6 +62,8 @@ def make_database(url: str) -> peewee.Database:
                 "foreign_keys": 1,
                 "busy_timeout": 30000,
                 "cache_size": -32000,
+                # The checkpointer thread keeps the WAL short; this is only the backstop.
+                "wal_autocheckpoint": 20000,
             },
             timeout=30,
         )
@@ -82,6 +93,9 @@ class Store:
         self._reads = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="store-read")
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
+        self._write_lock = () if self.is_postgres else ("IMMEDIATE",)
+        self._checkpointer: threading.Thread | None = None
+        self._stop = threading.Event()
         self._closed = False
         self.commits = 0  # number of transactions the writer committed (bench/diagnostics)
 
@@ -121,9 +135,12 @@ class Store:
         if self._closed:
             return
         self._closed = True
+        self._stop.set()
         if self._writer is not None:
-            self._jobs.put(None)
+            self._jobs.put(_STOP)
             self._writer.join()
+        if self._checkpointer is not None:
+            self._checkpointer.join()
         self._reads.shutdown(wait=True)
         if not self.db.is_closed():
             self.db.close()
@@ -153,37 +170,74 @@ class Store:
         self._submit(fn, args, fut)
         return await asyncio.wrap_future(fut)
 
+    async def write_background(self, fn: Callable[..., T], *args: Any) -> T:
+        """As `write`, for work no client waits on: it yields to foreground writes."""
+        fut: Future = Future()
+        self._submit(fn, args, fut, background=True)
+        return await asyncio.wrap_future(fut)
+
     def write_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """As `write`, for code running in a thread (not the event loop)."""
         fut: Future = Future()
         self._submit(fn, args, fut)
         return fut.result()
 
-    def _submit(self, fn, args, fut: Future) -> None:
+    def _submit(self, fn, args, fut: Future, background: bool = False) -> None:
         if self._closed:
             raise RuntimeError("store is closed")
         if self._writer is None:
-            self._writer = threading.Thread(target=self._writer_loop, name="store-writer", daemon=True)
-            self._writer.start()
-        self._jobs.put((fn, args, fut))
+            with _start_lock:
+                if self._writer is None:
+                    self._writer = threading.Thread(target=self._writer_loop, name="store-writer",
+                                                     daemon=True)
+                    self._writer.start()
+                    if not self.is_postgres and self.db.database != ":memory:":
+                        self._checkpointer = threading.Thread(target=self._checkpoint_loop,
+                                                              name="store-checkpoint", daemon=True)
+                        self._checkpointer.start()
+        self._jobs.put((fn, args, fut, background))
 
     def _writer_loop(self) -> None:
         stop = False
-        while not stop:
-            job = self._jobs.get()
-            if job is None:
-                break
-            batch = [job]
-            while len(batch) < MAX_GROUP:
-                try:
-                    more = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
+        waiting: deque = deque()  # background jobs not yet run
+        while not stop or waiting:
+            foreground: list = []
+            job = None
+            if not waiting and not stop:
+                job = self._jobs.get()
+            while True:
+                if job is None:
+                    try:
+                        job = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                if job is _STOP:
                     stop = True
+                elif job[3]:
+                    waiting.append(job)
+                else:
+                    foreground.append(job)
+                job = None
+                if len(foreground) >= MAX_GROUP:
                     break
-                batch.append(more)
-            self._run_group(batch)
+            share = BACKGROUND_PER_GROUP if foreground else MAX_GROUP
+            batch = foreground + [waiting.popleft() for _ in range(min(share, len(waiting)))]
+            if batch:
+                self._run_group(batch)
+
+    def _checkpoint_loop(self) -> None:
+        """Copy the WAL into the database file once a second, on a connection of its own."""
+        import sqlite3
+        conn = sqlite3.connect(self.db.database, timeout=30)
+        try:
+            conn.execute("PRAGMA busy_timeout=30000")
+            while not self._stop.wait(CHECKPOINT_SECONDS):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:
+                    pass  # busy or locked: the next round (or the backstop) checkpoints
+        finally:
+            conn.close()
 
     def _run_group(self, batch) -> None:
         results: list[tuple[Future, bool, Any]] = []
@@ -193,8 +247,8 @@ class Store:
             results.clear()
             try:
                 self.db.connect(reuse_if_open=True)
-                with self.db.atomic():
-                    for fn, args, fut in batch:
+                with self.db.atomic(*self._write_lock):
+                    for fn, args, fut, _ in batch:
                         try:
                             with self.db.atomic():  # savepoint: one job's failure is its own
                                 results.append((fut, True, fn(*args)))
@@ -207,11 +261,11 @@ class Store:
                 if attempt < 5 and "locked" in str(exc):
                     time.sleep(0.05 * attempt)
                     continue
-                results = [(fut, False, exc) for _, _, fut in batch]
+                results = [(fut, False, exc) for _, _, fut, _ in batch]
                 self._reset_connection()
                 break
             except Exception as exc:  # noqa: BLE001 - commit failed: every job fails
-                results = [(fut, False, exc) for _, _, fut in batch]
+                results = [(fut, False, exc) for _, _, fut, _ in batch]
                 self._reset_connection()
                 break
         for fut, ok, value in results:
@@ -229,6 +283,8 @@ class Store:
 
 
 _current: Store | None = None
+_start_lock = threading.Lock()
+_STOP = object()
 
 
 def open_store(url: str, read_threads: int = 4, migrate: bool = True) -> Store:
