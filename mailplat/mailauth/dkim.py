@@ -13,6 +13,7 @@ private-key step is pure-Python big-integer arithmetic that holds the GIL (~7 ms
 signature).  `_openssl_rsa_sign` takes that one step, for keys this module has loaded, to
 OpenSSL through `cryptography`: RSASSA-PKCS1-v1_5 is deterministic, so the signature bytes are
 identical (tests/test_relay_dkim.py checks), it is several times faster and releases the GIL.
+Likewise dkimpy's per-signature PEM parsing is done once per key (`_parse_pem_cached`).
 """
 from __future__ import annotations
 
@@ -72,6 +73,23 @@ def _openssl_rsa_sign(hash_obj, private_key: dict) -> bytes:
 
 
 dkim.RSASSA_PKCS1_v1_5_sign = _openssl_rsa_sign  # the name dkim.DKIM.gen_header calls
+
+_pure_python_parse = dkim.parse_pem_private_key
+_parsed: dict[bytes, dict] = {}
+
+
+def _parse_pem_cached(pem: bytes) -> dict:
+    """dkimpy parses the PEM (pure-Python ASN.1) on every signature; parse each key once."""
+    parsed = _parsed.get(pem)
+    if parsed is None:
+        parsed = _pure_python_parse(pem)
+        if len(_parsed) >= _MAX_KEYS:
+            _parsed.clear()
+        _parsed[pem] = parsed
+    return dict(parsed)
+
+
+dkim.parse_pem_private_key = _parse_pem_cached  # the name dkim.DKIM.sign calls
 
 
 def sign(raw: bytes, domain: str, selector: str, private_key_pem: str | bytes) -> bytes:
