@@ -429,3 +429,4 @@ def test_plaintext_injected_before_the_tls_handshake_is_discarded(env):
     # instead: that attempt fails at STARTTLS (and is retried), never by a desynchronised session.
     for failed in env.events(rcpt, "failed"):
         assert "STARTTLS" in failed["delivery-status"]["message"], failed["delivery-status"]
+

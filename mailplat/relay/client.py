@@ -79,10 +79,20 @@ class Session:
     async def send(self, sender: str, recipient: str, data: bytes) -> Accepted:
         started = time.monotonic()
         stage = "mail"
+        mail_kw: dict = {}
+        rcpt_kw: dict = {}
+        if not (sender.isascii() and recipient.isascii()):
+            # Internationalised address (RFC 6531): only to a server that offers SMTPUTF8.
+            if not self.smtp.supports_extension("smtputf8"):
+                await self._reset()
+                raise DeliveryError(f"5.6.7 {self.host} does not support SMTPUTF8, needed for this address",
+                                    553, stage="mail", mx_host=self.host, tls=self.tls, verified=self.verified)
+            mail_kw = {"options": ["SMTPUTF8"], "encoding": "utf-8"}
+            rcpt_kw = {"encoding": "utf-8"}
         try:
-            await self.smtp.mail(sender)
+            await self.smtp.mail(sender, **mail_kw)
             stage = "rcpt"
-            await self.smtp.rcpt(recipient)
+            await self.smtp.rcpt(recipient, **rcpt_kw)
             stage = "data"
             reply = await self.smtp.data(data)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError,

@@ -347,11 +347,20 @@ class Worker:
                 except client.DeliveryError as exc:
                     await self._fail_destination(job, self._error_result(exc))
                     return None
+                except Exception as exc:  # noqa: BLE001 - our bug: temporary, never a bounce
+                    log.exception("connecting failed unexpectedly")
+                    await self._record(job, outcome.Result(code=451, message=f"4.3.0 Local error while connecting: {exc}"))
+                    return None
             try:
                 accepted = await session.send(job.message.sender, item.recipient, data)
             except client.DeliveryError as exc:
                 self._spawn(self._record(job, self._error_result(exc)))
                 return session
+            except Exception as exc:  # noqa: BLE001 - our bug: temporary, and the session is dropped
+                log.exception("sending failed unexpectedly")
+                await session.close()
+                self._spawn(self._record(job, outcome.Result(code=451, message=f"4.3.0 Local error while sending: {exc}")))
+                return None
             self._spawn(self._record(job, outcome.Result(
                 code=accepted.code, message=accepted.message, enhanced=accepted.enhanced,
                 mx_host=accepted.mx_host, tls=accepted.tls, verified=accepted.verified,
