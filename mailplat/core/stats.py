@@ -45,10 +45,10 @@ def _keys(data: dict) -> list[str]:
     return []
 
 
-def _bump(domain: str, tag: str, hour: int, key: str) -> None:
-    StatCounter.insert(domain=domain, tag=tag[:255], hour=hour, key=key, count=1).on_conflict(
-        conflict_target=[StatCounter.domain, StatCounter.tag, StatCounter.hour, StatCounter.key],
-        update={StatCounter.count: StatCounter.count + 1}).execute()
+# (domain, tag) -> when this process last wrote the tag's last-seen: a busy tag is touched
+# once a minute, not once per recipient.
+_TAG_TOUCH_SECONDS = 60.0
+_tag_touched: dict[tuple[str, str], float] = {}
 
 
 def count_sync(domain: str, data: dict) -> None:
@@ -60,13 +60,22 @@ def count_sync(domain: str, data: dict) -> None:
     tags = [str(t) for t in data.get("tags") or []][:10]
     camps = [str(c.get("id") if isinstance(c, dict) else c) for c in data.get("campaigns") or []][:3]
     scopes = [""] + tags + [CAMPAIGN_PREFIX + c for c in camps]
-    for scope in dict.fromkeys(scopes):
-        for key in keys:
-            _bump(domain, scope, hour, key)
+    StatCounter.bump_many([(domain, scope[:255], hour, key, 1) for scope in dict.fromkeys(scopes) for key in keys])
     if data.get("event") == "accepted" and tags:
         for tag in dict.fromkeys(tags):
+            mark = (domain, tag)
+            if ts - _tag_touched.get(mark, float("-inf")) < _TAG_TOUCH_SECONDS:
+                continue
             Tag.insert(domain=domain, tag=tag[:255], description="", first_seen=ts, last_seen=ts).on_conflict(
                 conflict_target=[Tag.domain, Tag.tag], update={Tag.last_seen: ts}).execute()
+            if len(_tag_touched) > 100_000:
+                _tag_touched.clear()
+            _tag_touched[mark] = ts
+
+
+def forget_tag(domain: str, tag: str) -> None:
+    """After a tag is deleted: the next message using it creates it again at once."""
+    _tag_touched.pop((domain, tag), None)
 
 
 # -- the query ---------------------------------------------------------------------------------------

@@ -91,6 +91,19 @@ class StatCounter(BaseModel):
     class Meta:
         indexes = ((("domain", "tag", "hour", "key"), True),)
 
+    @classmethod
+    def bump_many(cls, rows: list[tuple]) -> None:
+        """Add (domain, tag, hour, key, n) rows to the counters in ONE upsert statement (this
+        runs for every event, inside its transaction, so it is kept to a single round trip)."""
+        if not rows:
+            return
+        db = cls._meta.database
+        p = db.param
+        values = ", ".join([f"({p}, {p}, {p}, {p}, {p})"] * len(rows))
+        sql = (f'INSERT INTO stat_counter (domain, tag, hour, "key", "count") VALUES {values} '
+               'ON CONFLICT (domain, tag, hour, "key") DO UPDATE SET "count" = stat_counter."count" + excluded."count"')
+        db.execute_sql(sql, [x for row in rows for x in row])
+
 
 class TrackingSecret(BaseModel):
     id = pw.CharField(max_length=32, primary_key=True)  # "tracking"

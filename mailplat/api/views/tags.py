@@ -108,6 +108,7 @@ def setup(app: web.Application, ctx: Context) -> None:
     async def delete(request):
         domain, tag = parts(request)
         await store.write(_delete_sync, domain, tag)
+        stats.forget_tag(domain, tag)
         return json_response({"message": "Tag deleted"})
 
     async def tag_stats(request):
