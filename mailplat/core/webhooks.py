@@ -70,6 +70,7 @@ def kinds_for(data: dict) -> list[str]:
 
 
 def invalidate(domain: str | None = None) -> None:
+    _key_cache[0] = 0.0
     with _cache_lock:
         if domain is None:
             _cache.clear()
@@ -183,8 +184,20 @@ def on_event(domain: str, data: dict) -> None:
     now = float(data.get("timestamp") or time.time())
     for kind in kinds_for(data):
         for url in hooks.get(kind, ()):
-            key = key or signing.get_key_sync()
+            key = key or _signing_key()
             enqueue_sync(domain, kind, url, data, key, now)
+
+
+_key_cache: list = [0.0, ""]
+
+
+def _signing_key() -> str:
+    """The signing key, read at most every CACHE_SECONDS (a rotation applies within that)."""
+    now = time.monotonic()
+    if now - _key_cache[0] >= CACHE_SECONDS or not _key_cache[1]:
+        _key_cache[1] = signing.get_key_sync()
+        _key_cache[0] = now
+    return _key_cache[1]
 
 
 events.register_record_hook(on_event)

@@ -156,6 +156,7 @@ def setup(app: web.Application, ctx: Context) -> None:
 
     async def key_rotate(request):
         key = await signing.rotate_key(ctx)
+        wh.invalidate()
         return json_response({"message": "success", "http_signing_key": key})
 
     for v in ("v3", "v4"):
