@@ -15,7 +15,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from ..errors import ForbiddenError, InputError, NotFound, TooLarge
-from ..store import blobs
+from ..store import blobs, queue
 from ..store.models import Domain, Message, QueueItem
 from . import compose, events, suppressions
 from .compose import Addr, Attachment
@@ -26,8 +26,15 @@ __all__ = ["Attachment", "SendRequest", "SendResult", "submit", "MAX_RECIPIENTS"
 
 # async fn(ctx, domain, recipients, source) -> (recipients, recipient_variables) | None: turns
 # an address into several envelope recipients (core.lists: a list into its members), each with
-# its own recipient variables.  The body is still stored once.
+# its own recipient variables.  The body is still stored once.  An expander may carry
+# `fn.probe_sync(recipients) -> bool`, run inside the send's own write transaction: only when
+# it says yes is the transaction abandoned, the expander awaited and the write run again, so a
+# send to plain addresses costs no extra store round trip.
 RECIPIENT_EXPANDERS: list = []
+
+
+class _ExpandFirst(Exception):
+    """Raised inside _store when a probing expander claims a recipient (nothing was written)."""
 
 
 def register_recipient_expander(fn) -> None:
@@ -213,13 +220,16 @@ def _check_domain(domain: str) -> None:
 
 def _store(domain: str, source: str, prep: _Prepared, sha: str, options: dict, tags: list,
            campaigns: list, user_variables: dict, recipient_variables: dict,
-           next_attempt_at: float, now: float, clock) -> Message:
+           next_attempt_at: float, now: float, clock, probes=()) -> Message:
     """The one transaction of a send (runs in the store's writer): domain and bounce checks,
     body, message, queue rows, events.  Raising here rolls all of it back.
 
     Events are stamped here, at commit time rather than at request time, so their timestamps
     follow commit order closely (the events API's ascending walks rely on that)."""
     _check_domain(domain)
+    for probe in probes:
+        if probe(prep.recipients):
+            raise _ExpandFirst()
     stamp = max(clock(), now)
     suppressed = suppressions.suppressed_sync(domain, prep.recipients, tags)
     blobs.put_sync(prep.raw, sha)
@@ -231,16 +241,20 @@ def _store(domain: str, source: str, prep: _Prepared, sha: str, options: dict, t
         options=options, created_at=now)
     message = Message(id=Message.insert(**fields).execute(), **fields)
     rows = []
+    recorded = []
     for rcpt in prep.recipients:
-        events.record_sync(domain, events.build("accepted", message, rcpt, timestamp=stamp))
+        recorded.append(events.build("accepted", message, rcpt, timestamp=stamp))
         if rcpt.lower() in suppressed:
-            events.record_sync(domain, suppressions.failed_event(message, rcpt, stamp, suppressed[rcpt.lower()]))
+            recorded.append(suppressions.failed_event(message, rcpt, stamp, suppressed[rcpt.lower()]))
             continue
         rows.append({"message": message.id, "recipient": rcpt, "rcpt_domain": rcpt.rsplit("@", 1)[1].lower(),
                      "state": "queued", "attempts": 0, "next_attempt_at": next_attempt_at,
                      "created_at": now, "updated_at": now})
+    events.record_many_sync(domain, recorded)
     for i in range(0, len(rows), 200):
         QueueItem.insert_many(rows[i:i + 200]).execute()
+    if rows:
+        queue.notify_new_sync()  # wakes relays (PostgreSQL NOTIFY is delivered at commit)
     return message
 
 
@@ -271,17 +285,33 @@ async def submit(ctx, req: SendRequest, principal=None) -> SendResult:
         # Batch sending: each recipient gets its own copy, keyed by the envelope address.
         lower = {str(k).lower(): v for k, v in req.recipient_variables.items()}
         recipient_variables = {r: lower.get(r.lower(), {}) for r in prep.recipients}
+    probes = []
     for expand in RECIPIENT_EXPANDERS:
-        expanded = await expand(ctx, domain, prep.recipients, req.source)
-        if expanded is not None:
-            prep.recipients, extra_vars = expanded
-            recipient_variables = {**{r: {} for r in prep.recipients}, **recipient_variables, **extra_vars}
-            if not prep.recipients:
-                raise InputError("The mailing list has no subscribed members")
-    await ctx.store.write(_store, domain, req.source, prep, sha, opts.as_stored(), list(opts.tags),
-                          list(opts.campaigns), dict(req.user_variables), recipient_variables,
-                          next_attempt_at, now, ctx.clock)
+        probe = getattr(expand, "probe_sync", None)
+        if probe is not None:
+            probes.append(probe)
+        else:
+            recipient_variables = await _expand(ctx, expand, domain, prep, req.source, recipient_variables)
+    args = (domain, req.source, prep, sha, opts.as_stored(), list(opts.tags), list(opts.campaigns),
+            dict(req.user_variables))
+    try:
+        await ctx.store.write(_store, *args, recipient_variables, next_attempt_at, now, ctx.clock, probes)
+    except _ExpandFirst:
+        for expand in RECIPIENT_EXPANDERS:
+            if getattr(expand, "probe_sync", None) is not None:
+                recipient_variables = await _expand(ctx, expand, domain, prep, req.source, recipient_variables)
+        await ctx.store.write(_store, *args, recipient_variables, next_attempt_at, now, ctx.clock)
     return SendResult(message_id=prep.message_id)
+
+
+async def _expand(ctx, expand, domain: str, prep: _Prepared, source: str, recipient_variables: dict) -> dict:
+    expanded = await expand(ctx, domain, prep.recipients, source)
+    if expanded is None:
+        return recipient_variables
+    prep.recipients, extra_vars = expanded
+    if not prep.recipients:
+        raise InputError("The mailing list has no subscribed members")
+    return {**{r: {} for r in prep.recipients}, **recipient_variables, **extra_vars}
 
 
 def addr_list(values) -> list[Addr]:
