@@ -492,4 +492,12 @@ async def expand(ctx, domain: str, recipients: list[str], source: str):
     return await ctx.store.write(_expand_sync, list(recipients), api_base(ctx))
 
 
+def _probe_sync(recipients: list[str]) -> bool:
+    """Inside the send's transaction: is any recipient a list?  (Only then is `expand` awaited.)"""
+    lowered = list({r.lower() for r in recipients})
+    return any(MailingList.select(MailingList.id).where(MailingList.address.in_(lowered[i:i + 500])).exists()
+               for i in range(0, len(lowered), 500))
+
+
+expand.probe_sync = _probe_sync
 send.register_recipient_expander(expand)

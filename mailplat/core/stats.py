@@ -1,7 +1,7 @@
 """Stats: event counters kept as events happen, and the totals the stats API shows.
 
-Owns `count_sync` (called by core.webhooks.on_event inside each event's transaction: one
-upsert per counter key for the domain, each of the message's tags and campaigns, on the
+Owns `count_sync` / `count_many_sync` (called by core.webhooks.on_event inside each event's
+transaction, once per batch of events: one upsert for all the counter keys for the domain, each of the message's tags and campaigns, on the
 hour's row of StatCounter; `accepted` also notes the tags' first/last use in Tag), and
 `totals_sync`, which sums hour rows into Mailgun's shape: {start, end, resolution,
 stats: [{time, accepted{incoming,outgoing,total}, delivered{smtp,http,total},
@@ -52,6 +52,19 @@ _tag_touched: dict[tuple[str, str], float] = {}
 
 
 def count_sync(domain: str, data: dict) -> None:
+    count_many_sync(domain, [data])
+
+
+def count_many_sync(domain: str, datas: list[dict]) -> None:
+    """Count several events (one send's) in ONE upsert: equal counter rows are summed first."""
+    bumps: dict[tuple, int] = {}
+    for data in datas:
+        _count_into(bumps, domain, data)
+    if bumps:
+        StatCounter.bump_many([(*k, n) for k, n in bumps.items()])
+
+
+def _count_into(bumps: dict, domain: str, data: dict) -> None:
     keys = _keys(data)
     if not keys:
         return
@@ -60,7 +73,10 @@ def count_sync(domain: str, data: dict) -> None:
     tags = [str(t) for t in data.get("tags") or []][:10]
     camps = [str(c.get("id") if isinstance(c, dict) else c) for c in data.get("campaigns") or []][:3]
     scopes = [""] + tags + [CAMPAIGN_PREFIX + c for c in camps]
-    StatCounter.bump_many([(domain, scope[:255], hour, key, 1) for scope in dict.fromkeys(scopes) for key in keys])
+    for scope in dict.fromkeys(scopes):
+        for key in keys:
+            mark = (domain, scope[:255], hour, key)
+            bumps[mark] = bumps.get(mark, 0) + 1
     if data.get("event") == "accepted" and tags:
         for tag in dict.fromkeys(tags):
             mark = (domain, tag)

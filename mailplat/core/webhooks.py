@@ -176,6 +176,23 @@ def enqueue_sync(domain: str, kind: str, url: str, data: dict, key: str, now: fl
 def on_event(domain: str, data: dict) -> None:
     """core.events record hook (inside the event's transaction)."""
     stats.count_sync(domain, data)
+    _enqueue_for(domain, data)
+
+
+def on_events(domain: str, datas: list[dict]) -> None:
+    """The same for a batch of events (core.events.record_many_sync): stats in one upsert,
+    the domain's webhook configuration looked up once."""
+    stats.count_many_sync(domain, datas)
+    if not _hooks_of(domain):
+        return
+    for data in datas:
+        _enqueue_for(domain, data)
+
+
+on_event.many = on_events
+
+
+def _enqueue_for(domain: str, data: dict) -> None:
     hooks = _hooks_of(domain)
     if not hooks:
         return
