@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 import time
 
+from ..store.db import insert_rows
 from ..store.models import Event, Message
 
 
@@ -106,7 +107,7 @@ def record_many_sync(domain: str, datas: list[dict]) -> None:
     if not datas:
         return
     for i in range(0, len(datas), 100):
-        Event.insert_many([_row(domain, d) for d in datas[i:i + 100]]).execute()
+        insert_rows(Event, [_row(domain, d) for d in datas[i:i + 100]])
     for hook in RECORD_HOOKS:
         many = getattr(hook, "many", None)
         if many is not None:

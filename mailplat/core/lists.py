@@ -21,6 +21,7 @@ import re
 from urllib.parse import quote, urlencode
 
 from ..errors import InputError, NotFound
+from ..store.db import run_cached
 from ..store.models import Domain
 from ..store.route_models import ListMember, MailingList, SigningKey
 from . import send, signing
@@ -495,8 +496,12 @@ async def expand(ctx, domain: str, recipients: list[str], source: str):
 def _probe_sync(recipients: list[str]) -> bool:
     """Inside the send's transaction: is any recipient a list?  (Only then is `expand` awaited.)"""
     lowered = list({r.lower() for r in recipients})
-    return any(MailingList.select(MailingList.id).where(MailingList.address.in_(lowered[i:i + 500])).exists()
-               for i in range(0, len(lowered), 500))
+    for i in range(0, len(lowered), 500):
+        chunk = lowered[i:i + 500]
+        if run_cached(("lists.probe", len(chunk)), lambda: MailingList.select(MailingList.id)
+                      .where(MailingList.address.in_(chunk)), chunk).fetchone() is not None:
+            return True
+    return False
 
 
 expand.probe_sync = _probe_sync

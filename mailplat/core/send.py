@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ForbiddenError, InputError, NotFound, TooLarge
 from ..store import blobs, queue
+from ..store.db import insert_rows, run_cached
 from ..store.models import Domain, Message, QueueItem
 from . import compose, events, suppressions
 from .compose import Addr, Attachment
@@ -211,7 +212,8 @@ def _check_recipient_count(recipients: list[str]) -> None:
 
 
 def _check_domain(domain: str) -> None:
-    row = (Domain.select(Domain.is_disabled, Domain.state).where(Domain.name == domain).tuples().first())
+    row = run_cached("send.domain", lambda: Domain.select(Domain.is_disabled, Domain.state)
+                     .where(Domain.name == domain), [domain]).fetchone()
     if row is None:
         raise NotFound("Domain not found")
     if row[0] or row[1] == "disabled":
@@ -239,7 +241,7 @@ def _store(domain: str, source: str, prep: _Prepared, sha: str, options: dict, t
         size=len(prep.raw), headers=prep.headers, attachments=prep.attachments, tags=tags,
         campaigns=campaigns, user_variables=user_variables, recipient_variables=recipient_variables,
         options=options, created_at=now)
-    message = Message(id=Message.insert(**fields).execute(), **fields)
+    message = Message(id=insert_rows(Message, [fields], returning_id=True), **fields)
     rows = []
     recorded = []
     for rcpt in prep.recipients:
@@ -252,7 +254,7 @@ def _store(domain: str, source: str, prep: _Prepared, sha: str, options: dict, t
                      "created_at": now, "updated_at": now})
     events.record_many_sync(domain, recorded)
     for i in range(0, len(rows), 200):
-        QueueItem.insert_many(rows[i:i + 200]).execute()
+        insert_rows(QueueItem, rows[i:i + 200])
     if rows:
         queue.notify_new_sync()  # wakes relays (PostgreSQL NOTIFY is delivered at commit)
     return message
