@@ -4,6 +4,7 @@ STARTTLS, SMTPUTF8 and byte-exact bodies."""
 from __future__ import annotations
 
 import json
+import re
 import smtplib
 import ssl
 import uuid
@@ -31,13 +32,19 @@ def client(server: MailplatServer) -> smtplib.SMTP:
 
 
 def stored(server: MailplatServer, job_id: str) -> tuple[bytes, str, list]:
-    """(exact bytes, mail_from, rcpt_tos) of the committed inbound job `in-<n>`."""
+    """(exact bytes the client sent, mail_from, rcpt_tos) of the committed inbound job
+    `in-<n>`; the stored message must be our Received: trace header naming the job, then
+    those bytes unchanged."""
     n = int(job_id.removeprefix("in-"))
     rows = store_query(server, "select b.data, j.mail_from, j.rcpt_tos from inbound_job j "
                                "join blob b on b.sha256 = j.blob where j.id = ?", n)
     assert rows, f"job {job_id} not committed"
     data, mail_from, rcpts = rows[0]
-    return bytes(data), mail_from, json.loads(rcpts) if isinstance(rcpts, str) else rcpts
+    data = bytes(data)
+    trace = re.match(rb"Received: from \[127\.0\.0\.1\] by \S+ \(mailplat\) with ESMTP id "
+                     + job_id.encode() + rb";\r\n\t[^\r\n]+\r\n", data)
+    assert trace, data[:200]
+    return data[trace.end():], mail_from, json.loads(rcpts) if isinstance(rcpts, str) else rcpts
 
 
 def queued_id(reply: bytes) -> str:

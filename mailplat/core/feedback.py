@@ -23,7 +23,8 @@ from email import policy
 from email.parser import HeaderParser
 
 from .. import logs
-from ..store.models import Blob, Bounce, Message
+from ..store import blobs
+from ..store.models import Bounce, Message
 from ..store.tracking_models import Whitelist
 from . import events, receive, tracking_lists
 
@@ -199,12 +200,10 @@ def job_handler_sync(job, orphans) -> None:
     """core.receive job handler (inside the delivery transaction, once per inbound job)."""
     if job.size > MAX_REPORT:
         return
-    blob = Blob.get_or_none(Blob.sha256 == job.blob)
-    if blob is None:
+    head = blobs.head_sync(job.blob, 16384)  # most mail is no report: its headers say so
+    if head is None or _report_type(head) is None:
         return
-    raw = bytes(blob.data)
-    if _report_type(raw) is None:
-        return
+    raw = blobs.get_sync(job.blob)
     try:
         report = parse(raw)
     except Exception:  # noqa: BLE001 - a malformed report is filed as mail, never fatal

@@ -13,13 +13,13 @@ The api views, core.receive (delivery into INBOX) and mailaccess (imap.py, pop3.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import Conflict, InputError, NotFound, TooLarge
+from ..store import blobs
 from ..store.db import IntegrityError
 from ..store.mailbox_models import MailFolder, Mailbox, MailMessage
 from ..store.models import Blob, Domain
@@ -46,10 +46,7 @@ class OverQuota(TooLarge):
 # -- blobs ----------------------------------------------------------------------------------
 def put_blob_sync(data: bytes) -> str:
     """Store bytes once, keyed by their SHA-256 (inside a store.write)."""
-    sha = hashlib.sha256(data).hexdigest()
-    if not Blob.select().where(Blob.sha256 == sha).exists():
-        Blob.insert(sha256=sha, size=len(data), data=data).on_conflict_ignore().execute()
-    return sha
+    return blobs.put_sync(data)  # one INSERT that ignores a duplicate: no lookup first
 
 
 def blob_bytes_sync(shas: list[str]) -> dict[str, bytes]:
@@ -522,12 +519,58 @@ def append_sync(mbid: int, name: str, data: bytes | None, flags: list[str], date
     return f.id, f.uidvalidity, uid
 
 
+class InboxBatch:
+    """Files many messages into INBOXes inside one write transaction (the inbound worker's
+    pass): each mailbox and its INBOX are read once, and at `flush()` (before the transaction
+    ends) each folder gets one UPDATE for its UIDs and modseq, each mailbox one for its size,
+    and the message rows one multi-row INSERT.  The quota is checked message by message."""
+
+    def __init__(self):
+        self._boxes: dict[str, list | None] = {}  # address -> [mbid, used, quota, fid, next uid, modseq]
+        self._added: dict[int, list] = {}  # fid -> that same list, for folders that got mail
+        self._rows: list[dict] = []
+
+    def deliver(self, address: str, sha: str, size: int, date: float) -> int | None:
+        """File into the INBOX of `address`; returns the folder id, None when there is no such
+        mailbox; OverQuota when this message does not fit."""
+        if address not in self._boxes:
+            row = (Mailbox.select(Mailbox.id, Mailbox.size_bytes, Mailbox.quota_bytes, MailFolder.id,
+                                  MailFolder.uidnext, MailFolder.highestmodseq)
+                   .join(MailFolder, on=((MailFolder.mailbox == Mailbox.id) & (MailFolder.name == "INBOX")))
+                   .where(Mailbox.address == address).tuples().first())
+            self._boxes[address] = None if row is None else [row[0], row[1], row[2], row[3], row[4], row[5] + 1, 0]
+        box = self._boxes[address]
+        if box is None:
+            return None
+        mbid, used, quota, fid, uid, modseq, _ = box
+        if size > 0 and used + size > quota:
+            raise OverQuota("Mailbox is over its quota")
+        self._rows.append({"folder": fid, "uid": uid, "blob": sha, "size": size, "internal_date": date,
+                           "flags": "", "modseq": modseq})
+        box[1] += size
+        box[4] += 1
+        box[6] += size
+        self._added[fid] = box
+        return fid
+
+    def flush(self) -> None:
+        for fid, box in self._added.items():
+            mbid, _, _, _, uid, modseq, charged = box
+            MailFolder.update(uidnext=uid, highestmodseq=modseq).where(MailFolder.id == fid).execute()
+            Mailbox.update(size_bytes=Mailbox.size_bytes + charged).where(Mailbox.id == mbid).execute()
+            box[5] += 1  # a later delivery in this batch object gets a newer modseq
+            box[6] = 0
+        for i in range(0, len(self._rows), 100):
+            MailMessage.insert_many(self._rows[i:i + 100]).execute()
+        self._added.clear()
+        self._rows.clear()
+
+
 def deliver_sync(address: str, sha: str, size: int, date: float) -> int | None:
     """File into the INBOX of `address`; None when there is no such mailbox."""
-    mb = Mailbox.get_or_none(Mailbox.address == address)
-    if mb is None:
-        return None
-    fid, _, _ = append_sync(mb.id, "INBOX", None, [], date, sha=sha, size=size)
+    batch = InboxBatch()
+    fid = batch.deliver(address, sha, size, date)
+    batch.flush()
     return fid
 
 

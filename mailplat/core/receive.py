@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import os
+import re
 import socket
 from typing import Callable
 
 from .. import logs
 from ..errors import ForbiddenError, InputError, NotFound, TooLarge
+from ..store import blobs
 from ..store.mailbox_models import InboundJob
 from ..store.models import Blob, Domain
 from . import mailboxes
@@ -143,11 +145,17 @@ async def accept(ctx, mail_from: str, rcpt_tos: list[str], raw: bytes, peer: str
         local, dom = split_address(r)
         rcpts.append(f"{local}@{dom}")
 
+    hostname = ctx.config.server.hostname
+
     def write():
-        sha = mailboxes.put_blob_sync(raw)
-        job = InboundJob.create(blob=sha, size=len(raw), mail_from=(mail_from or "")[:320],
+        # The trace header names the job id, so the row comes first; the blob is then the
+        # message as every mailbox and route will get it (delivery links it, never copies it).
+        job = InboundJob.create(blob="", size=0, mail_from=(mail_from or "")[:320],
                                 rcpt_tos=rcpts, peer=(peer or "")[:64], received_at=now,
-                                next_attempt_at=now)
+                                next_attempt_at=now, traced=True)
+        data = received_header(hostname, job) + raw
+        sha = blobs.put_sync(data)
+        InboundJob.update(blob=sha, size=len(data)).where(InboundJob.id == job.id).execute()
         return job.id
 
     job_id = await ctx.store.write(write)
@@ -162,6 +170,13 @@ def received_header(hostname: str, job: InboundJob) -> bytes:
     date = email.utils.formatdate(job.received_at, localtime=False)
     return (f"Received: from [{peer}] by {hostname} (mailplat) with ESMTP id in-{job.id};\r\n"
             f"\t{date}\r\n").encode("ascii", "replace")
+
+
+_TRACE = re.compile(rb"Received: [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
+
+
+_JOB_PROGRESS = [InboundJob.done_rcpts, InboundJob.attempts, InboundJob.state, InboundJob.next_attempt_at,
+                 InboundJob.last_error]
 
 
 def _claim(now: float, is_postgres: bool) -> list[InboundJob]:
@@ -182,15 +197,22 @@ def _deliver_batch(now: float, hostname: str, is_postgres: bool) -> tuple[int, s
     """One write transaction: claim due jobs and file each into its mailboxes."""
     jobs = _claim(now, is_postgres)
     folders: set[int] = set()
+    inbox = mailboxes.InboxBatch()
     for job in jobs:
-        blob = Blob.get_or_none(Blob.sha256 == job.blob)
-        if blob is None:
+        if job.traced:  # the accepted blob is the final message: link it
+            sha, size, body = job.blob, job.size, None
+            if not Blob.select().where(Blob.sha256 == sha).exists():
+                sha = None
+        else:  # accepted before traces were added at accept: store a traced copy
+            blob = Blob.get_or_none(Blob.sha256 == job.blob)
+            body = None if blob is None else received_header(hostname, job) + bytes(blob.data)
+            sha = None if body is None else mailboxes.put_blob_sync(body)
+            size = 0 if body is None else len(body)
+        if sha is None:
             job.state, job.last_error = "failed", "message body missing"
             job.save()
             log.error("inbound job has no body", extra={"fields": {"job": job.id}})
             continue
-        data = received_header(hostname, job) + bytes(blob.data)
-        sha = mailboxes.put_blob_sync(data)
         done = list(job.done_rcpts or [])
         orphans, full, deferred = [], [], []
         for rcpt in job.rcpt_tos:
@@ -210,10 +232,14 @@ def _deliver_batch(now: float, hostname: str, is_postgres: bool) -> tuple[int, s
                 continue
             try:
                 if prefix:
-                    tagged = data[:len(data) - len(blob.data)] + prefix + bytes(blob.data)
-                    fid = mailboxes.deliver_sync(rcpt, mailboxes.put_blob_sync(tagged), len(tagged), job.received_at)
+                    if body is None:
+                        body = mailboxes.blob_bytes_sync([sha])[sha]
+                    trace = _TRACE.match(body)
+                    cut = trace.end() if trace else 0
+                    tagged = body[:cut] + prefix + body[cut:]
+                    fid = inbox.deliver(rcpt, mailboxes.put_blob_sync(tagged), len(tagged), job.received_at)
                 else:
-                    fid = mailboxes.deliver_sync(rcpt, sha, len(data), job.received_at)
+                    fid = inbox.deliver(rcpt, sha, size, job.received_at)
             except mailboxes.OverQuota:
                 full.append(rcpt)
                 continue
@@ -239,7 +265,8 @@ def _deliver_batch(now: float, hostname: str, is_postgres: bool) -> tuple[int, s
             job.next_attempt_at = now
         else:
             job.state = "done"
-        job.save()
+        job.save(only=_JOB_PROGRESS)
+    inbox.flush()
     return len(jobs), folders
 
 

@@ -54,7 +54,7 @@ def job_handler_sync(job, orphans) -> None:
         return
     RouteJob.insert(inbound_job=job.id, blob=job.blob, size=job.size, mail_from=job.mail_from or "",
                     rcpt_tos=rcpts, peer=job.peer or "", received_at=job.received_at, state="queued",
-                    next_attempt_at=job.received_at).execute()
+                    next_attempt_at=job.received_at, traced=job.traced).execute()
 
 
 def _spam_action_sync(rcpt: str) -> tuple[str, str]:
@@ -127,7 +127,7 @@ def _claim(now: float, is_postgres: bool) -> list[dict]:
     RouteJob.update(lease_owner=OWNER, lease_until=now + 600).where(RouteJob.id.in_(ids)).execute()
     return [{"id": j.id, "inbound_job": j.inbound_job, "blob": j.blob, "mail_from": j.mail_from,
              "rcpt_tos": list(j.rcpt_tos), "peer": j.peer, "received_at": j.received_at, "done": set(j.done_steps or []),
-             "attempts": j.attempts} for j in RouteJob.select().where(RouteJob.id.in_(ids))]
+             "attempts": j.attempts, "traced": j.traced} for j in RouteJob.select().where(RouteJob.id.in_(ids))]
 
 
 def _context_sync(rcpts: list[str]) -> dict:
@@ -193,7 +193,9 @@ def _reject_event_sync(domain: str, rcpt: str, mail_from: str, subject: str, rea
 
 async def process(ctx, data: dict) -> None:
     trace = SimpleNamespace(peer=data["peer"], received_at=data["received_at"], id=data["inbound_job"])
-    raw = receive.received_header(ctx.config.server.hostname, trace) + await ctx.store.read(blobs.get_sync, data["blob"])
+    raw = await ctx.store.read(blobs.get_sync, data["blob"])
+    if not data.get("traced"):  # accepted before the MX added the trace header itself
+        raw = receive.received_header(ctx.config.server.hostname, trace) + raw
     headers_msg = email.parser.BytesHeaderParser(policy=policy.compat32).parsebytes(raw[:262144])
     headers = [(n, str(v)) for n, v in headers_msg.items()]
     subject = str(headers_msg.get("Subject", ""))[:998]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 
+from peewee import fn
+
 from .models import Blob
 
 
@@ -28,6 +30,12 @@ def get_sync(sha256: str) -> bytes:
     if row is None:
         raise KeyError(sha256)
     return bytes(row[0])
+
+
+def head_sync(sha256: str, n: int) -> bytes | None:
+    """The first `n` bytes (the headers, say) without reading the whole body; None if absent."""
+    row = Blob.select(fn.substr(Blob.data, 1, n)).where(Blob.sha256 == sha256).tuples().first()
+    return None if row is None else bytes(row[0])
 
 
 def exists_sync(sha256: str) -> bool:

@@ -72,6 +72,8 @@ class InboundJob(BaseModel):
     last_error = pw.TextField(default="")
     # Recipients already handled, so a retried job never files a copy twice.
     done_rcpts = JSONField(default=list)
+    # The blob already starts with our Received: header (added at accept): filed as it is.
+    traced = pw.BooleanField(default=False)
 
     class Meta:
         indexes = ((("state", "next_attempt_at"), False),)

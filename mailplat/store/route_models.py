@@ -78,6 +78,7 @@ class RouteJob(BaseModel):
     lease_until = pw.FloatField(null=True)
     last_error = pw.TextField(default="")
     done_steps = JSONField(default=list)
+    traced = pw.BooleanField(default=False)  # as InboundJob.traced
 
     class Meta:
         indexes = ((("state", "next_attempt_at"), False),)
