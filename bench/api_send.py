@@ -11,6 +11,7 @@ latency percentiles, and checks the store holds every accepted message.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import asyncio
 import base64
 import statistics
@@ -25,7 +26,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support import start_server  # noqa: E402
+from tests.support import pg_database, start_server  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:
@@ -85,11 +86,19 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=10240, help="text body bytes")
     ap.add_argument("--count", type=int, default=5000)
     ap.add_argument("--warmup", type=int, default=500)
-    ap.add_argument("--db-url", help="store URL (default: SQLite in the temporary data dir)")
+    ap.add_argument("--db-url", help="PostgreSQL server URL: the run uses a new database on it "
+                    "(default: SQLite in the temporary data dir)")
     args = ap.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="mailplat-bench-"))
-    srv = start_server(data_dir, db_url=args.db_url, services=["api"], sets=["log.level=WARNING"])
+    with contextlib.ExitStack() as stack:
+        # PostgreSQL: a new empty database on that server for each run (dropped afterwards).
+        db_url = stack.enter_context(pg_database(args.db_url)) if args.db_url else None
+        return _measure(args, data_dir, db_url)
+
+
+def _measure(args, data_dir: Path, db_url: str | None) -> int:
+    srv = start_server(data_dir, db_url=db_url, services=["api"], sets=["log.level=WARNING"])
     try:
         domain = "bench.example.test"
         r = srv.api("POST", "/v3/domains", data={"name": domain, "dkim_key_size": "1024"})
