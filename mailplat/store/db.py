@@ -166,15 +166,17 @@ class Store:
 
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` in the writer thread; returns after its transaction is committed."""
-        fut: Future = Future()
-        self._submit(fn, args, fut)
-        return await asyncio.wrap_future(fut)
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._submit(fn, args, (loop, fut))
+        return await fut
 
     async def write_background(self, fn: Callable[..., T], *args: Any) -> T:
         """As `write`, for work no client waits on: it yields to foreground writes."""
-        fut: Future = Future()
-        self._submit(fn, args, fut, background=True)
-        return await asyncio.wrap_future(fut)
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._submit(fn, args, (loop, fut), background=True)
+        return await fut
 
     def write_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """As `write`, for code running in a thread (not the event loop)."""
@@ -182,7 +184,7 @@ class Store:
         self._submit(fn, args, fut)
         return fut.result()
 
-    def _submit(self, fn, args, fut: Future, background: bool = False) -> None:
+    def _submit(self, fn, args, fut, background: bool = False) -> None:
         if self._closed:
             raise RuntimeError("store is closed")
         if self._writer is None:
@@ -268,11 +270,21 @@ class Store:
                 results = [(fut, False, exc) for _, _, fut, _ in batch]
                 self._reset_connection()
                 break
+        # Event-loop callers' futures are resolved with ONE wake-up of their loop per group
+        # (not one thread-safe call per job); threads' concurrent futures directly.
+        by_loop: dict = {}
         for fut, ok, value in results:
-            if ok:
+            if isinstance(fut, tuple):
+                by_loop.setdefault(fut[0], []).append((fut[1], ok, value))
+            elif ok:
                 fut.set_result(value)
             else:
                 fut.set_exception(value)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, items)
+            except RuntimeError:  # that loop is closed: nobody is waiting any more
+                pass
 
     def _reset_connection(self) -> None:
         try:
@@ -336,6 +348,17 @@ def run_cached(key, build: Callable[[], Any], params: list):
             _insert_sql.clear()
         _insert_sql[key] = sql
     return models.database.execute_sql(sql, params)
+
+
+def _resolve(items) -> None:
+    """On the caller's event loop: hand each write job's result to its awaiting future."""
+    for fut, ok, value in items:
+        if fut.cancelled():
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
 
 
 _current: Store | None = None
