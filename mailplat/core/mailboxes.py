@@ -49,6 +49,14 @@ def put_blob_sync(data: bytes) -> str:
     return blobs.put_sync(data)  # one INSERT that ignores a duplicate: no lookup first
 
 
+def blobs_present_sync(shas: list[str]) -> list[str]:
+    """Which of these blobs are stored (without reading their bytes)."""
+    out: list[str] = []
+    for i in range(0, len(shas), 500):
+        out.extend(t[0] for t in Blob.select(Blob.sha256).where(Blob.sha256.in_(shas[i:i + 500])).tuples())
+    return out
+
+
 def blob_bytes_sync(shas: list[str]) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     for i in range(0, len(shas), 200):

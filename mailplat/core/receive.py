@@ -48,9 +48,21 @@ JOB_HANDLERS: list[Callable] = []
 # to file it on the next pass (its spam verdict is not in yet).
 DELIVERY_FILTERS: list[Callable] = []
 DEFER = object()
+# Filters and handlers may keep what they read once per delivery pass here (`memo`): cleared
+# when each pass's transaction starts, so it is never older than that transaction.
+_pass_memo: dict = {}
 # async fn(ctx) run before each delivery pass, outside any transaction (the spam check).
 PRE_DELIVERY: list[Callable] = []
 _wake: asyncio.Event | None = None
+
+
+def memo(key, fn: Callable, *args):
+    """Inside a delivery filter or job handler: fn(*args), computed once per delivery pass."""
+    try:
+        return _pass_memo[key]
+    except KeyError:
+        value = _pass_memo[key] = fn(*args)
+        return value
 
 
 def register_recipient_source(fn: Callable) -> None:
@@ -195,13 +207,23 @@ def _claim(now: float, is_postgres: bool) -> list[InboundJob]:
 
 def _deliver_batch(now: float, hostname: str, is_postgres: bool) -> tuple[int, set[int]]:
     """One write transaction: claim due jobs and file each into its mailboxes."""
-    jobs = _claim(now, is_postgres)
+    _pass_memo.clear()
+    try:
+        return _deliver_jobs(_claim(now, is_postgres), now, hostname)
+    finally:
+        _pass_memo.clear()
+
+
+def _deliver_jobs(jobs: list[InboundJob], now: float, hostname: str) -> tuple[int, set[int]]:
     folders: set[int] = set()
     inbox = mailboxes.InboxBatch()
+    finished: list[int] = []  # done on this pass: one UPDATE for all of them
+    traced = [j.blob for j in jobs if j.traced]
+    present = set(mailboxes.blobs_present_sync(traced)) if traced else set()
     for job in jobs:
         if job.traced:  # the accepted blob is the final message: link it
             sha, size, body = job.blob, job.size, None
-            if not Blob.select().where(Blob.sha256 == sha).exists():
+            if sha not in present:
                 sha = None
         else:  # accepted before traces were added at accept: store a traced copy
             blob = Blob.get_or_none(Blob.sha256 == job.blob)
@@ -263,10 +285,14 @@ def _deliver_batch(now: float, hostname: str, is_postgres: bool) -> tuple[int, s
                 job.next_attempt_at, job.last_error = now + delay, "mailbox full"
         elif deferred:
             job.next_attempt_at = now
-        else:
-            job.state = "done"
+        else:  # done_rcpts only matters while a job is queued: not rewritten here
+            finished.append(job.id)
+            continue
         job.save(only=_JOB_PROGRESS)
     inbox.flush()
+    for i in range(0, len(finished), 500):
+        InboundJob.update(state="done", attempts=InboundJob.attempts + 1).where(
+            InboundJob.id.in_(finished[i:i + 500])).execute()
     return len(jobs), folders
 
 

@@ -49,7 +49,8 @@ def job_handler_sync(job, orphans) -> None:
     """In core.receive's delivery transaction: queue the job for routes/lists when any route
     exists or a recipient is a list (or unsubscribe) address."""
     rcpts = list(job.rcpt_tos or [])
-    interesting = Route.select(Route.id).exists() or any(lists.list_address_taken_sync(r) for r in rcpts)
+    interesting = (receive.memo("routes exist", Route.select(Route.id).exists)
+                   or any(receive.memo(("list", r), lists.list_address_taken_sync, r) for r in rcpts))
     if not interesting or RouteJob.get_or_none(RouteJob.inbound_job == job.id) is not None:
         return
     RouteJob.insert(inbound_job=job.id, blob=job.blob, size=job.size, mail_from=job.mail_from or "",
@@ -65,7 +66,7 @@ def _spam_action_sync(rcpt: str) -> tuple[str, str]:
 def spam_filter_sync(job, rcpt: str):
     """core.receive delivery filter: the spam tags for this recipient's copy, or None when its
     domain blocks spam and this is spam (a `rejected` event says so)."""
-    domain, action = _spam_action_sync(rcpt)
+    domain, action = receive.memo(("spam", rcpt.rsplit("@", 1)[1]), _spam_action_sync, rcpt)
     if action not in ("tag", "block"):
         return b""
     row = SpamVerdict.get_or_none(SpamVerdict.inbound_job == job.id)
