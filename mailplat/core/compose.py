@@ -154,9 +154,19 @@ def new_message_id(domain: str, now: float | None = None) -> str:
     return f"{stamp}.{secrets.token_hex(8)}@{domain}"
 
 
+_last_date: tuple = (None, "")  # (whole second, its Date text): a second's messages share it
+
+
 def rfc5322_date(ts: float) -> str:
     """'Thu, 26 Nov 2026 01:14:19 +0000' (UTC, explicit offset)."""
-    return email.utils.format_datetime(datetime.datetime.fromtimestamp(ts, datetime.timezone.utc))
+    global _last_date
+    second = int(ts // 1)
+    cached = _last_date  # one read: compose may run in threads too
+    if cached[0] == second:
+        return cached[1]
+    text = email.utils.format_datetime(datetime.datetime.fromtimestamp(second, datetime.timezone.utc))
+    _last_date = (second, text)
+    return text
 
 
 def strip_brackets(message_id: str) -> str:

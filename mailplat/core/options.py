@@ -146,6 +146,8 @@ def merge_variables_json(user_variables: dict, text: str, name: str = "X-Mailgun
 
 
 def check_variables_size(user_variables: dict) -> None:
+    if not user_variables:
+        return
     if len(json.dumps(user_variables, separators=(",", ":"))) > MAX_VARIABLES_BYTES:
         raise InputError(f"Custom variables exceed the {MAX_VARIABLES_BYTES // 1024} KB limit")
 
