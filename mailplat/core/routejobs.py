@@ -81,13 +81,25 @@ def spam_filter_sync(job, rcpt: str):
 
 
 def _unchecked_jobs_sync(now: float) -> list[dict]:
+    if not Domain.select(Domain.id).where(Domain.spam_action.in_(("tag", "block"))).exists():
+        return []  # no domain filters spam (the usual case): one query, not three per job
     out = []
-    q = (InboundJob.select().where((InboundJob.state == "queued") & (InboundJob.next_attempt_at <= now))
-         .order_by(InboundJob.id).limit(50))
-    for job in q:
-        if SpamVerdict.get_or_none(SpamVerdict.inbound_job == job.id) is not None:
+    jobs = list(InboundJob.select().where((InboundJob.state == "queued") & (InboundJob.next_attempt_at <= now))
+                .order_by(InboundJob.id).limit(50))
+    checked = {t[0] for t in SpamVerdict.select(SpamVerdict.inbound_job).where(
+        SpamVerdict.inbound_job.in_([j.id for j in jobs])).tuples()} if jobs else set()
+    actions: dict[str, str] = {}
+
+    def action(rcpt: str) -> str:
+        dom = rcpt.rsplit("@", 1)[1]
+        if dom not in actions:
+            actions[dom] = _spam_action_sync(rcpt)[1]
+        return actions[dom]
+
+    for job in jobs:
+        if job.id in checked:
             continue
-        if any(_spam_action_sync(r)[1] in ("tag", "block") for r in job.rcpt_tos or []):
+        if any(action(r) in ("tag", "block") for r in job.rcpt_tos or []):
             out.append({"inbound_job": job.id, "blob": job.blob, "peer": job.peer or "",
                         "mail_from": job.mail_from or ""})
     return out

@@ -10,6 +10,7 @@ import hashlib
 
 from peewee import fn
 
+from .db import run_cached
 from .models import Blob
 
 
@@ -34,7 +35,8 @@ def get_sync(sha256: str) -> bytes:
 
 def head_sync(sha256: str, n: int) -> bytes | None:
     """The first `n` bytes (the headers, say) without reading the whole body; None if absent."""
-    row = Blob.select(fn.substr(Blob.data, 1, n)).where(Blob.sha256 == sha256).tuples().first()
+    row = run_cached(("blobs.head", n), lambda: Blob.select(fn.substr(Blob.data, 1, n)).where(Blob.sha256 == ""),
+                     [1, n, sha256]).fetchone()
     return None if row is None else bytes(row[0])
 
 
