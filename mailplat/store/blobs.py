@@ -10,7 +10,7 @@ import hashlib
 
 from peewee import fn
 
-from .db import run_cached
+from .db import insert_rows, run_cached
 from .models import Blob
 
 
@@ -21,7 +21,7 @@ def digest(data: bytes) -> str:
 def put_sync(data: bytes, sha256: str | None = None) -> str:
     """Store `data` (a no-op when the same bytes are already stored); returns its SHA-256."""
     sha = sha256 or digest(data)
-    Blob.insert(sha256=sha, size=len(data), data=data).on_conflict_ignore().execute()
+    insert_rows(Blob, [{"sha256": sha, "size": len(data), "data": data}], ignore_conflicts=True)
     return sha
 
 
