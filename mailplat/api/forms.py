@@ -13,22 +13,14 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 from multidict import MultiDict
 
+from ..core.options import yes_no
 from ..errors import InputError, TooLarge
 
-TRUE = {"yes", "true", "1", "on", "y", "t"}
-FALSE = {"no", "false", "0", "off", "n", "f"}
 MAX_FIELDS = 10_000
 
 
 def loose_bool(value, name: str = "value") -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in TRUE:
-        return True
-    if text in FALSE:
-        return False
-    raise InputError(f"'{name}' parameter should be yes or no (got {str(value)[:40]!r})")
+    return yes_no(value, name)
 
 
 @dataclass

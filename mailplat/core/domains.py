@@ -28,6 +28,7 @@ from ..mailauth import dkimkeys
 from ..store.db import IntegrityError
 from ..store.models import ApiKey, DkimKey, Domain, SmtpCredential
 from .auth import hash_password_async
+from .options import yes_no
 from .timefmt import rfc2822
 
 SPAM_ACTIONS = ("disabled", "block", "tag")
@@ -86,14 +87,7 @@ def _existing_name(name: str) -> str:
 
 
 def _bool(value: Any, field: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("yes", "true", "1", "on", "y", "t"):
-        return True
-    if text in ("no", "false", "0", "off", "n", "f"):
-        return False
-    raise InputError(f"'{field}' parameter should be true or false")
+    return yes_no(value, field, "true or false")
 
 
 def _choice(value: Any, field: str, allowed: tuple[str, ...]) -> str:

@@ -26,6 +26,7 @@ from ..store.models import Domain
 from ..store.route_models import ListMember, MailingList, SigningKey
 from . import send, signing
 from .compose import parse_addresses
+from .options import yes_no
 from .timefmt import rfc2822
 
 ACCESS_LEVELS = ("readonly", "members", "everyone")
@@ -89,16 +90,7 @@ def parse_vars(value) -> dict:
 
 
 def _bool(value, field, default):
-    if value is None or value == "":
-        return default
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("yes", "true", "1", "on", "y", "t"):
-        return True
-    if text in ("no", "false", "0", "off", "n", "f"):
-        return False
-    raise InputError(f"'{field}' parameter should be yes or no")
+    return default if value is None or value == "" else yes_no(value, field)
 
 
 def list_json(ml: MailingList, count: int | None = None) -> dict:

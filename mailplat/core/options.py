@@ -66,7 +66,9 @@ class Options:
 
 
 # -- single values ----------------------------------------------------------------------------
-def yes_no(value, name: str) -> bool:
+def yes_no(value, name: str, expected: str = "yes or no") -> bool:
+    """A loose boolean, as the SDKs send them: yes/no, true/false (any case, Python's True
+    too), 1/0, on/off.  The one parser of booleans at every edge."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -74,7 +76,7 @@ def yes_no(value, name: str) -> bool:
         return True
     if text in FALSE:
         return False
-    raise InputError(f"'{name}' parameter should be yes or no")
+    raise InputError(f"'{name}' parameter should be {expected}")
 
 
 def clicks_value(value, name: str) -> str:
