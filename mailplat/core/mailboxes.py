@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from ..errors import Conflict, InputError, NotFound, TooLarge
 from ..store import blobs
-from ..store.db import IntegrityError
+from ..store.db import IntegrityError, insert_rows
 from ..store.mailbox_models import MailFolder, Mailbox, MailMessage
 from ..store.models import Blob, Domain
 from . import auth
@@ -568,8 +568,8 @@ class InboxBatch:
             Mailbox.update(size_bytes=Mailbox.size_bytes + charged).where(Mailbox.id == mbid).execute()
             box[5] += 1  # a later delivery in this batch object gets a newer modseq
             box[6] = 0
-        for i in range(0, len(self._rows), 100):
-            MailMessage.insert_many(self._rows[i:i + 100]).execute()
+        for i in range(0, len(self._rows), 100):  # SQL text kept per row count (store.db)
+            insert_rows(MailMessage, self._rows[i:i + 100])
         self._added.clear()
         self._rows.clear()
 
