@@ -2,10 +2,11 @@
 
 Owns: the RCPT decision (`check_recipient`: a domain that is not ours is relay denied; an
 address of ours with no mailbox and no other taker is 550 5.1.1), the end-of-DATA commit
-(`accept`: the exact bytes as a content-addressed Blob plus one InboundJob row in ONE store
-write, the id returned only after commit), and the inbound worker (`run_inbound_worker`) that
-files each job's message into the recipients' INBOXes with a Received: trace header prepended
-and the body otherwise byte-exact, never while the SMTP client waits.
+(`accept`: our Received: trace header naming the job, then the client's exact bytes, as one
+content-addressed Blob plus one InboundJob row in ONE store write, the id returned only after
+commit), and the inbound worker (`run_inbound_worker`) that files each job's blob as it is into
+the recipients' INBOXes (linked, never copied; a per-recipient copy only when a delivery filter
+adds spam tags), in passes of many jobs, never while the SMTP client waits.
 Called by the MX listener (smtpd) for the first two; the worker is started by the mailaccess
 service (so mailaccess must run for inbound mail to reach mailboxes).  Routes and lists (next
 issue) register extra recipient takers with `register_recipient_source` and consume the same
