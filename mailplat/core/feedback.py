@@ -9,7 +9,9 @@ Owns recognising a report in an inbound message and turning it into what it mean
   bounce suppression when the status says the address is bad: 5.1.x, 5.2.x or 5.0.0, unless
   allowlisted), Action delayed a `failed` temporary event.
 The original message is found by the Message-ID in the report's returned message or headers;
-a report about mail we did not send changes nothing.  Hooks into core.receive: a recipient
+a report about mail we did not send changes nothing.  A DSN sent to a VERP return path
+(core.verp: bounce+<token>@<domain>, the relay's MAIL FROM) is about the exact queue row the
+token names, whatever its body says; anything else sent there (an auto-reply) is ignored.  Hooks into core.receive: a recipient
 source accepts the [tracking] feedback_addresses local parts on our domains at RCPT (default
 postmaster, abuse, fbl, bounces), and a job handler reads every inbound job that is a report,
 inside the delivery transaction (so events, suppressions and webhook rows commit with it).
@@ -24,9 +26,9 @@ from email.parser import HeaderParser
 
 from .. import logs
 from ..store import blobs
-from ..store.models import Bounce, Message
+from ..store.models import Bounce, Message, QueueItem
 from ..store.tracking_models import Whitelist
-from . import events, receive, tracking_lists
+from . import events, receive, tracking_lists, verp
 
 log = logs.get("mailplat.feedback")
 DEFAULT_LOCALS = ("postmaster", "abuse", "fbl", "bounces")
@@ -132,12 +134,13 @@ def parse(raw: bytes) -> dict | None:
     per_rcpt = []
     for b in blocks[1:] if len(blocks) > 1 else blocks:
         rcpt = _addr(b.get("final-recipient", "") or b.get("original-recipient", ""))
-        if not rcpt:
-            continue
+        if not rcpt and "action" not in b:
+            continue  # kept without a recipient only for a VERP return path, which names it
         per_rcpt.append({"recipient": rcpt, "action": b.get("action", "").lower(),
                          "status": b.get("status", "").split()[0] if b.get("status") else "",
                          "diagnostic": b.get("diagnostic-code", ""), "remote_mta": _addr(b.get("remote-mta", ""))})
-    return {"type": "dsn", "message_id": mid, "recipients": [r["recipient"] for r in per_rcpt], "blocks": per_rcpt}
+    return {"type": "dsn", "message_id": mid, "recipients": [r["recipient"] for r in per_rcpt if r["recipient"]],
+            "blocks": per_rcpt}
 
 
 # -- applying -------------------------------------------------------------------------------------------
@@ -152,9 +155,39 @@ def _hard(status: str) -> bool:
     return bool(m) and m.group(1) == "5" and (m.group(2) in ("1", "2") or status == "5.0.0")
 
 
-def apply_sync(report: dict, now: float) -> int:
-    """Events and suppressions for one parsed report; returns how many recipients it touched."""
-    message = _message_for(report.get("message_id", ""))
+def _verp_target(rcpt_tos) -> tuple[Message, str] | None:
+    """(message, recipient) named by the first valid VERP return path among a job's recipients."""
+    key = verp.key_sync()
+    for address in rcpt_tos or ():
+        local, _, dom = address.rpartition("@")
+        queue_id = verp.queue_id_for(key, local, dom)
+        if queue_id is None:
+            continue
+        item = QueueItem.get_or_none(QueueItem.id == queue_id)
+        if item is not None and item.message.domain.lower() == dom.lower():
+            return item.message, item.recipient
+    return None
+
+
+def _verp_blocks(blocks: list[dict], recipient: str) -> list[dict]:
+    """The DSN's block for the recipient the token names: the one with that address, else the
+    first failed/delayed one; its recipient is the token's whatever the DSN says."""
+    acted = [b for b in blocks if b["action"] in ("failed", "delayed")]
+    if not acted:
+        return []
+    chosen = next((b for b in acted if b["recipient"] == recipient), acted[0])
+    return [{**chosen, "recipient": recipient}]
+
+
+def apply_sync(report: dict, now: float, target: tuple[Message, str] | None = None) -> int:
+    """Events and suppressions for one parsed report; returns how many recipients it touched.
+    `target` (message, recipient) comes from a VERP return path and overrides what the report
+    says about which message and recipient it is about (DSNs only)."""
+    if target is not None and report["type"] == "dsn":
+        message = target[0]
+        report = {**report, "blocks": _verp_blocks(report["blocks"], target[1])}
+    else:
+        message = _message_for(report.get("message_id", ""))
     if message is None:
         return 0
     domain = message.domain
@@ -169,12 +202,13 @@ def apply_sync(report: dict, now: float) -> int:
         return n
     for block in report["blocks"]:
         action, status, rcpt = block["action"], block["status"], block["recipient"]
-        if action not in ("failed", "delayed"):
+        if action not in ("failed", "delayed") or not rcpt:
             continue
         m = _SMTP_CODE.search(block["diagnostic"])
         code = int(m.group(1)) if m else (550 if status.startswith("5") else 450)
         diag = block["diagnostic"].split(";", 1)[-1].strip() if block["diagnostic"] else status
-        permanent = action == "failed"
+        # The status class decides (5.x.x permanent, 4.x.x temporary); the Action otherwise.
+        permanent = status.startswith("5") if status[:1] in ("4", "5") else action == "failed"
         ds = {"code": code, "message": diag[:1000], "description": diag[:1000], "enhanced-code": status,
               "attempt-no": 1, "mx-host": block["remote_mta"], "tls": False, "certificate-verified": False,
               "bounce-type": "hard" if permanent and _hard(status) else ("soft" if not permanent else "generic")}
@@ -210,7 +244,8 @@ def job_handler_sync(job, orphans) -> None:
         log.warning("unreadable feedback report", extra={"fields": {"job": job.id}})
         return
     if report is not None:
-        n = apply_sync(report, time.time())
+        target = _verp_target(job.rcpt_tos) if any(verp.is_verp(r) for r in job.rcpt_tos or ()) else None
+        n = apply_sync(report, time.time(), target)
         log.info("feedback report", extra={"fields": {"job": job.id, "type": report["type"], "recipients": n}})
 
 

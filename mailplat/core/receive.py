@@ -1,7 +1,8 @@
 """The one receive path: who we accept mail for, committing it, and filing it afterwards.
 
 Owns: the RCPT decision (`check_recipient`: a domain that is not ours is relay denied; an
-address of ours with no mailbox and no other taker is 550 5.1.1), the end-of-DATA commit
+address of ours with no mailbox and no other taker is 550 5.1.1; a VERP return path
+`bounce+<token>` (core.verp) is taken only with a valid token), the end-of-DATA commit
 (`accept`: our Received: trace header naming the job, then the client's exact bytes, as one
 content-addressed Blob plus one InboundJob row in ONE store write, the id returned only after
 commit), and the inbound worker (`run_inbound_worker`) that files each job's blob as it is into
@@ -28,7 +29,7 @@ from ..store import blobs
 from ..store.db import insert_rows, run_cached
 from ..store.mailbox_models import InboundJob
 from ..store.models import Blob, Domain
-from . import mailboxes
+from . import mailboxes, verp
 
 log = logs.get("mailplat.receive")
 
@@ -130,6 +131,9 @@ def _check_sync(local: str, dom: str) -> str:
     if row is None:
         return "relay"
     address = f"{local}@{dom}"
+    claimed = verp.claim_sync(local, dom)  # a bounce+<token> return path: valid token or nothing
+    if claimed is not None:
+        return "ok" if claimed else "unknown"
     if mailboxes.mailbox_exists_sync(address):
         return "ok"
     for source in RECIPIENT_SOURCES:

@@ -6,9 +6,10 @@ destination) and runs up to `relay.per_destination` destination tasks per domain
 `relay.workers` connections in all.  A destination task resolves MX (relay.mx), opens one
 connection (relay.client) and delivers every waiting row for that domain over it (reopening
 only when a message needs a different TLS policy).  Before sending, each copy is rendered
-(core.render.for_recipient) and DKIM-signed (mailauth.dkim) in a worker thread.  Outcomes are
-written by relay.outcome in the same transaction as the queue update.  Test-mode messages are
-marked delivered without any network I/O.
+(core.render.for_recipient) and DKIM-signed (mailauth.dkim) in a worker thread; API and SMTP
+submitted mail goes out with a VERP return path (core.verp) so its bounces come back to us.
+Outcomes are written by relay.outcome in the same transaction as the queue update.  Test-mode
+messages are marked delivered without any network I/O.
 
 Wake-ups: in-process wakers and PostgreSQL LISTEN (store.queue), else polling with a short
 back-off, never later than the next due row.  Time comes from `ctx.clock`; when the
@@ -27,7 +28,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 from .. import logs
-from ..core import render, tracking
+from ..core import render, tracking, verp
 from ..core.domains import dkim_signing_key_sync
 from ..mailauth import dkim as dkimsign
 from ..mailauth.tlspolicy import TlsPolicy, policy_for
@@ -75,6 +76,7 @@ class Job:
     signing: tuple[str, str, str] | None
     policy: TlsPolicy = field(default_factory=TlsPolicy)
     tracking: object = None  # core.tracking.Plan: pixel, links, unsubscribe URLs, footers
+    mail_from: str | None = None  # envelope sender: core.verp return path, else message.sender
 
     @property
     def message(self):
@@ -104,7 +106,8 @@ def _load_jobs_sync(ids: list[int]) -> list[Job]:
         jobs.append(Job(item=item, raw=raws[msg.blob], domain_row=domains[msg.domain],
                         signing=keys[msg.domain],
                         policy=policy_for(domains[msg.domain], msg.options),
-                        tracking=tracking.plan_sync(msg, item.recipient, domains[msg.domain])))
+                        tracking=tracking.plan_sync(msg, item.recipient, domains[msg.domain]),
+                        mail_from=verp.return_path_sync(msg, item.id)))
     return jobs
 
 
@@ -352,7 +355,8 @@ class Worker:
                     await self._record(job, outcome.Result(code=451, message=f"4.3.0 Local error while connecting: {exc}"))
                     return None
             try:
-                accepted = await session.send(job.message.sender, item.recipient, data)
+                accepted = await session.send(
+                    job.message.sender if job.mail_from is None else job.mail_from, item.recipient, data)
             except client.DeliveryError as exc:
                 self._spawn(self._record(job, self._error_result(exc)))
                 return session
