@@ -14,6 +14,8 @@ import pytest
 from tests.conftest import dns_sets
 from tests.relaytest import create_domain, point_mx
 from tests.smtpsink import SmtpSink, free_port
+from tests.support import wait_for as _wait
+from tests.webhookrecv import HookReceiver as Receiver
 from tests.support import start_server, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -25,7 +27,7 @@ def env(tmp_path_factory, dns_server):
     port = free_port()
     sets = dns_sets(dns_server) + ["relay.allow_private_mx=true", f"relay.remote_port={port}",
                                    "relay.retry_schedule=0.5,1.0", "relay.connect_timeout=5",
-                                   "relay.command_timeout=10"]
+                                   "relay.command_timeout=10", "hooks.allow_private_targets=true"]
     server = start_server(tmp / "data", sets=sets)
     sink = SmtpSink(host="127.0.0.61", port=port).start()
     yield server, dns_server, sink
@@ -143,3 +145,31 @@ def test_verp_return_path_bounces_back_to_the_exact_recipient(env):
               f"bounce+{qid}-{mac[:-1]}@{d}"]
     for address in forged:
         assert mx_transaction(server, address, b"x")[0] == 550, address
+
+
+def test_routes_never_act_on_bounce_addresses(env):
+    """A route matching every address of the domain forwards ordinary mail but not the DSN sent
+    to a return path: bounce addresses belong to the feedback path alone."""
+    server, dns, sink = env
+    d = f"v{uuid.uuid4().hex[:8]}.example.test"
+    create_domain(server, dns, d)
+    rdom = f"r{uuid.uuid4().hex[:8]}.example.test"
+    point_mx(dns, rdom, "127.0.0.61")
+    receiver = Receiver()
+    try:
+        r = server.api("POST", "/v3/routes", data={"expression": f'match_recipient(".*@{re.escape(d)}")',
+                                                   "action": f'forward("{receiver.url("/r")}")'})
+        assert r.status_code == 200, r.text
+        gone = f"gone@{rdom}"
+        assert server.api("POST", f"/v3/{d}/messages", data={"from": f"news@{d}", "to": gone,
+                                                             "text": "Hi.\n"}).status_code == 200
+        copy = _wait(lambda: next((m for m in list(sink.messages) if m.rcpt_tos == [gone]), None),
+                     timeout=30, what="the copy at the sink")
+        assert mx_transaction(server, copy.mail_from, dsn("5.1.1", "failed", gone, "no such user")) == (250, 250)
+        _wait(lambda: events(server, d, event="failed", recipient=gone), timeout=30, what="the bounce event")
+        hello = f"Subject: hi\r\nFrom: a@{rdom}\r\nTo: hello@{d}\r\n\r\nhello\r\n".encode()
+        assert mx_transaction(server, f"hello@{d}", hello) == (250, 250)
+        posts = _wait(lambda: receiver.to("/r"), timeout=30, what="the routed post")
+        assert len(posts) == 1 and f"hello@{d}".encode() in posts[0]["body"]
+    finally:
+        receiver.close()

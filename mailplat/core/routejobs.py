@@ -28,7 +28,7 @@ from ..store import blobs
 from ..store.models import Domain
 from ..store.mailbox_models import InboundJob
 from ..store.route_models import ListMember, MailingList, Route, RouteJob, SpamVerdict, StoredMessage
-from . import events, forward, lists, receive, routes, send, signing, spam
+from . import events, forward, lists, receive, routes, send, signing, spam, verp
 
 log = logs.get("mailplat.routes")
 
@@ -48,7 +48,10 @@ def recipient_taken_sync(address: str, domain_row) -> bool:
 def job_handler_sync(job, orphans) -> None:
     """In core.receive's delivery transaction: queue the job for routes/lists when any route
     exists or a recipient is a list (or unsubscribe) address."""
-    rcpts = list(job.rcpt_tos or [])
+    # Bounce return addresses belong to core.feedback: no route or list acts on them.
+    rcpts = [r for r in job.rcpt_tos or [] if not verp.is_verp(r.rsplit("@", 1)[0])]
+    if not rcpts:
+        return
     interesting = (receive.memo("routes exist", Route.select(Route.id).exists)
                    or any(receive.memo(("list", r), lists.list_address_taken_sync, r) for r in rcpts))
     if not interesting or RouteJob.get_or_none(RouteJob.inbound_job == job.id) is not None:
