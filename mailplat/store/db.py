@@ -90,6 +90,7 @@ class Store:
         self.db = make_database(url)
         self.is_postgres = isinstance(self.db, peewee.PostgresqlDatabase)
         models.database.initialize(self.db)
+        _insert_sql.clear()  # kept SQL text is in the previous database's dialect
         self._reads = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="store-read")
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
