@@ -98,7 +98,7 @@ def test_credentials(server, client, domain):
     # The SDK sends the local part in the path when the login is in the domain.
     r = client.domains_credentials.put(domain=domain, data={"password": "supersecret2"}, login=f"alice@{domain}")
     assert r.status_code == 200 and r.json() == {"message": "Password changed"}, r.text
-    assert r.url.endswith(f"/credentials/alice")
+    assert r.url.endswith("/credentials/alice")
     [(pw_hash,)] = store_query(server, "SELECT password_hash FROM smtp_credential WHERE login = ?", f"alice@{domain}")
     assert PasswordHasher().verify(pw_hash, "supersecret2")
     r = client.domains_credentials.put(domain=domain, data={"password": "shrt"}, login="alice")

@@ -51,7 +51,7 @@ def get(server, url_or_path, **params):
     body = r.json()
     assert set(body["paging"]) == {"first", "last", "next", "previous"}
     for link in body["paging"].values():
-        assert link.startswith(server.url + f"/v3/"), link  # absolute, on this server
+        assert link.startswith(server.url + "/v3/"), link  # absolute, on this server
     return body
 
 

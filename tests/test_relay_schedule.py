@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import dns_sets
 from tests.relaytest import bounces, create_domain, db_url_of, events, point_mx, queue_rows, send
-from tests.smtpsink import SmtpSink, free_port
+from tests.smtpsink import SmtpSink
 from tests.support import start_server, wait_for
 
 pytestmark = pytest.mark.timeout(120)

@@ -13,62 +13,16 @@ import hmac
 import json
 import os
 import smtplib
-import threading
 import uuid
 from email import policy
 from email.message import EmailMessage
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from tests.conftest import PG_BASE, dns_sets
 from tests.support import MailplatServer, pg_database, start_server, wait_for
 from tests.test_domains_api import store_query
-
-
-class Receiver:
-    """An HTTP server on loopback that records every POST; `status[path]` is a list of status
-    codes to answer in turn (the last one repeats), 200 by default."""
-
-    def __init__(self):
-        self.posts: list[dict] = []
-        self.status: dict[str, list[int]] = {}
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                with outer.lock:
-                    outer.posts.append({"path": self.path, "ctype": self.headers.get("Content-Type", ""),
-                                        "body": body})
-                    codes = outer.status.get(self.path.split("?")[0], [200])
-                    code = codes.pop(0) if len(codes) > 1 else codes[0]
-                self.send_response(code)
-                if 300 <= code < 400:
-                    self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, *a):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def to(self, path: str) -> list[dict]:
-        with self.lock:
-            return [p for p in self.posts if p["path"].split("?")[0] == path]
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+from tests.webhookrecv import HookReceiver as Receiver
 
 
 def form_fields(post: dict) -> tuple[dict[str, list[str]], dict[str, tuple[str, str, bytes]]]:
@@ -323,7 +277,7 @@ urlpatterns: list = []
 # -- forward() to an address, store(), and sharing an address ----------------------------------------
 def test_forward_to_address_goes_through_the_send_path(srv, dom):
     add_route(srv, f'match_recipient("relayme@{dom}")', 'forward("final@elsewhere.test")', "stop()")
-    smtp_send(srv, [f"relayme@{dom}"], f"From: a@far.test\r\nSubject: fwd-addr\r\n\r\nbody\r\n".encode())
+    smtp_send(srv, [f"relayme@{dom}"], "From: a@far.test\r\nSubject: fwd-addr\r\n\r\nbody\r\n".encode())
     rows = wait_for(lambda: store_query(srv, "select m.source, m.domain, q.recipient from message m join queue_item q "
                                               "on q.message_id = m.id where m.subject = 'fwd-addr'"), what="queued")
     assert rows == [("route", dom, "final@elsewhere.test")]

@@ -1,5 +1,7 @@
-"""A loopback HTTP receiver for webhook tests: records method, path, headers and body of every
-POST; `status[path]` lists the codes to answer in turn (the last repeats), 200 by default."""
+"""A loopback HTTP receiver for webhook and route-forward tests: records path, headers,
+Content-Type and body of every POST; `status[path]` lists the codes to answer in turn (the last
+repeats), 200 by default; a 3xx answer points Location at a metadata address (for the egress
+guard's no-redirect test)."""
 from __future__ import annotations
 
 import threading
@@ -18,10 +20,13 @@ class HookReceiver:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 path = self.path.split("?")[0]
                 with outer.lock:
-                    outer.posts.append({"path": path, "headers": dict(self.headers.items()), "body": body})
+                    outer.posts.append({"path": path, "headers": dict(self.headers.items()), "body": body,
+                                        "ctype": self.headers.get("Content-Type", "")})
                     codes = outer.status.get(path, [200])
                     code = codes.pop(0) if len(codes) > 1 else codes[0]
                 self.send_response(code)
+                if 300 <= code < 400:
+                    self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")

@@ -15,7 +15,7 @@ import functools
 import re
 import secrets
 from dataclasses import dataclass, field
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import regex
 
