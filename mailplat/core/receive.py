@@ -29,7 +29,7 @@ from ..store import blobs
 from ..store.db import insert_rows, run_cached
 from ..store.mailbox_models import InboundJob
 from ..store.models import Blob, Domain
-from . import mailboxes, verp
+from . import mailboxes, verp, worker
 
 log = logs.get("mailplat.receive")
 
@@ -345,25 +345,11 @@ async def run_inbound_worker(ctx, stopping: asyncio.Event) -> None:
     global _wake
     _wake = asyncio.Event()
     log.info("inbound worker started", extra={"fields": {"pid": os.getpid(), "host": socket.gethostname()}})
-    loop = asyncio.get_running_loop()
-    while not stopping.is_set():
-        _wake.clear()
-        started = loop.time()
-        try:
-            await deliver_due(ctx)
-        except Exception:  # noqa: BLE001 - keep the worker alive; the job stays queued
-            log.exception("inbound delivery failed; will retry")
-            await asyncio.sleep(1.0)
-        try:
-            await asyncio.wait_for(_wake.wait(), POLL_SECONDS)
-        except asyncio.TimeoutError:
-            pass
-        # Under load, wake-ups come with every accepted message: passes at most every
-        # MIN_PASS_SECONDS gather them into fuller delivery transactions (each pass has a fixed
-        # cost of a dozen statements), at the price of that much delivery latency.
-        rest = MIN_PASS_SECONDS - (loop.time() - started)
-        if rest > 0:
-            await asyncio.sleep(rest)
+    # Under load, wake-ups come with every accepted message: passes at most every
+    # MIN_PASS_SECONDS gather them into fuller delivery transactions (each pass has a fixed
+    # cost of a dozen statements), at the price of that much delivery latency.
+    await worker.poll_loop("inbound delivery", stopping, _wake, lambda: deliver_due(ctx),
+                           POLL_SECONDS, MIN_PASS_SECONDS)
     _wake = None
 
 

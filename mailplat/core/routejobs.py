@@ -28,7 +28,7 @@ from ..store import blobs
 from ..store.models import Domain
 from ..store.mailbox_models import InboundJob
 from ..store.route_models import ListMember, MailingList, Route, RouteJob, SpamVerdict, StoredMessage
-from . import events, forward, lists, receive, routes, send, signing, spam, verp
+from . import events, forward, lists, receive, routes, send, signing, spam, verp, worker
 
 log = logs.get("mailplat.routes")
 
@@ -379,18 +379,13 @@ async def run(ctx, stopping: asyncio.Event, poll: float = 0.5) -> None:
     global _wake
     _wake = asyncio.Event()
     last_purge = 0.0
-    while not stopping.is_set():
-        _wake.clear()
-        try:
-            await process_due(ctx)
-            if ctx.clock() - last_purge > 600:
-                last_purge = ctx.clock()
-                await ctx.store.write(_purge_stored_sync, ctx.clock())
-        except Exception:  # noqa: BLE001 - keep the worker alive
-            log.exception("route worker pass failed")
-            await asyncio.sleep(1.0)
-        try:
-            await asyncio.wait_for(_wake.wait(), poll)
-        except asyncio.TimeoutError:
-            pass
+
+    async def step():
+        nonlocal last_purge
+        await process_due(ctx)
+        if ctx.clock() - last_purge > 600:
+            last_purge = ctx.clock()
+            await ctx.store.write(_purge_stored_sync, ctx.clock())
+
+    await worker.poll_loop("route worker", stopping, _wake, step, poll)
     _wake = None

@@ -16,7 +16,7 @@ import socket
 import time
 
 from .. import logs
-from ..core import egress
+from ..core import egress, worker
 from ..store.route_models import OutboxItem
 
 log = logs.get("mailplat.hooks")
@@ -130,15 +130,5 @@ async def run(ctx, stopping: asyncio.Event, poll: float = 0.5) -> None:
     _wake = asyncio.Event()
     hooks = ctx.config.hooks
     async with egress.session(hooks.allow_private_targets, hooks.timeout) as session:
-        while not stopping.is_set():
-            _wake.clear()
-            try:
-                await deliver_due(ctx, session)
-            except Exception:  # noqa: BLE001 - keep posting; rows stay queued
-                log.exception("outbox pass failed")
-                await asyncio.sleep(1.0)
-            try:
-                await asyncio.wait_for(_wake.wait(), poll)
-            except asyncio.TimeoutError:
-                pass
+        await worker.poll_loop("outbox", stopping, _wake, lambda: deliver_due(ctx, session), poll)
     _wake = None
