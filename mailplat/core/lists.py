@@ -18,6 +18,7 @@ import hmac
 import io
 import json
 import re
+import time
 from urllib.parse import quote, urlencode
 
 from ..errors import InputError, NotFound
@@ -47,13 +48,25 @@ def api_base(ctx) -> str:
     ports.json the supervisor writes), else the configured one."""
     if ctx.config.api.public_url:
         return ctx.config.api.public_url.rstrip("/")
-    port = ctx.ports.get("api")
-    if not port:
+    port = ctx.ports.get("api") or _ports_file_api_port(ctx.config.data_dir / "ports.json")
+    return f"http://{ctx.config.server.bind}:{port or ctx.config.api.port}"
+
+
+_ports_cache: dict = {}
+
+
+def _ports_file_api_port(path) -> int | None:
+    """The api port another process of this host wrote, re-read at most every 5 s (this runs on
+    the event loop for every list send)."""
+    now = time.monotonic()
+    hit = _ports_cache.get(path)
+    if hit is None or now - hit[0] > 5.0:
         try:
-            port = json.loads((ctx.config.data_dir / "ports.json").read_text()).get("api")
+            port = json.loads(path.read_text()).get("api")
         except (OSError, ValueError, AttributeError):
             port = None
-    return f"http://{ctx.config.server.bind}:{port or ctx.config.api.port}"
+        hit = _ports_cache[path] = (now, port)
+    return hit[1]
 
 
 def normalize_address(value, field: str = "address") -> str:
