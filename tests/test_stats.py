@@ -108,9 +108,9 @@ def test_campaigns(server, seeded):
     spring = server.api("GET", f"/v3/{seeded}/campaigns/spring").json()
     assert spring["name"] == "Spring" and spring["submitted_count"] == 2
     st = server.api("GET", f"/v3/{seeded}/campaigns/spring/stats").json()
-    assert st["total"]["submitted_count"] == 2
+    assert st["total"]["delivered"] == 0 and st["unique"]["opened"] == {"recipient": 0}  # test mode
     hourly = server.api("GET", f"/v3/{seeded}/campaigns/spring/stats", params={"groupby": "daily_hour"}).json()
-    assert sum(h["submitted_count"] for h in hourly) == 2
+    assert len(hourly) in (1, 2) and all(0 <= h["daily_hour"] <= 23 and not any(h["total"].values()) for h in hourly)
     evs = server.api("GET", f"/v3/{seeded}/campaigns/spring/events", params={"recipient": "a@x.test"}).json()
     assert [e["recipient"] for e in evs] == ["a@x.test"] and evs[0]["event"] == "accepted"
     gen = r.json()["campaign"]["id"]

@@ -240,3 +240,43 @@ def test_tag_unsubscribe_link(env):
     send(env, rcpt, text=other, **{"o:tag": "announcements"})
     wait_for(lambda: [m for m in env["sink"].to(rcpt) if other.encode() in m.data], timeout=30,
              what="mail with another tag delivered")
+
+
+def test_campaign_stats_count_unique_opens_and_clicks(env):
+    """The legacy campaign stats in the seed's shape: totals from the counters, `unique` from
+    the opens and clicks (one reader opening twice is two opens, one unique opener)."""
+    server, dom = env["server"], env["dom"]
+    cid = f"c{uuid.uuid4().hex[:8]}"
+    assert server.api("POST", f"/v3/{dom}/campaigns", data={"name": "Autumn", "id": cid}).status_code == 200
+    readers = [f"camp{i}@{env['rdom']}" for i in range(2)]
+    for rcpt in readers:
+        send(env, rcpt, html=f'<p>Hi</p><a href="{LINK}">Read</a>', **{"o:campaign": cid})
+    for n, rcpt in enumerate(readers):
+        _, parts = received(env, rcpt)
+        pixel = re.search(r'<img[^>]+src="([^"]+)"', parts["text/html"]).group(1)
+        for _ in range(2 - n):  # the first reader opens twice
+            assert fetch(env, pixel).status_code == 200
+        click = re.search(r'<a href="([^"]+)">Read</a>', parts["text/html"]).group(1).replace("&amp;", "&")
+        assert fetch(env, click).status_code == 302
+
+    def stats(**params):
+        r = server.api("GET", f"/v3/{dom}/campaigns/{cid}/stats", params=params)
+        assert r.status_code == 200, r.text
+        return r.json()
+    whole = wait_for(lambda: (lambda s: s if s["total"]["clicked"] == 2 and s["total"]["delivered"] == 2 else None)(stats()),
+                     timeout=30, what="campaign counters")
+    assert whole["total"] == {"delivered": 2, "opened": 3, "clicked": 2, "unsubscribed": 0, "complained": 0,
+                              "bounced": 0}
+    assert whole["unique"] == {"opened": {"recipient": 2}, "clicked": {"recipient": 2, "link": 1}}
+    hourly = stats(groupby="daily_hour")
+    assert all(0 <= h["daily_hour"] <= 23 for h in hourly)
+    assert sum(h["total"]["opened"] for h in hourly) == 3
+    assert sum(h["unique"]["opened"]["recipient"] for h in hourly) >= 2
+    by_domain = stats(groupby="domain")
+    assert [(d["domain"], d["total"]["opened"], d["unique"]["clicked"]["recipient"]) for d in by_domain] == \
+        [(env["rdom"], 3, 2)]
+    assert server.api("GET", f"/v3/{dom}/campaigns/{cid}/stats", params={"groupby": "month"}).status_code == 400
+    history = server.api("GET", f"/v3/{dom}/campaigns/{cid}/events",
+                         params={"recipient": readers[1], "event": "opened"}).json()
+    assert [(h["event"], h["recipient"], h["domain"]) for h in history] == [("opened", readers[1], dom)]
+    assert set(history[0]) == {"timestamp", "user_vars", "domain", "recipient", "tags", "event"}

@@ -27,7 +27,8 @@ MAX_BUCKETS = 10_000
 _DURATION = re.compile(r"^\s*(\d{1,6})\s*([hdm])\s*$")
 
 
-def _keys(data: dict) -> list[str]:
+def counter_keys(data: dict) -> list[str]:
+    """The counter keys an event adds one to (also how campaigns.py groups events itself)."""
     ev = data.get("event")
     if ev == "accepted":
         routed = (data.get("flags") or {}).get("is-routed") or data.get("method") == "inbound"
@@ -65,7 +66,7 @@ def count_many_sync(domain: str, datas: list[dict]) -> None:
 
 
 def _count_into(bumps: dict, domain: str, data: dict) -> None:
-    keys = _keys(data)
+    keys = counter_keys(data)
     if not keys:
         return
     ts = float(data.get("timestamp") or time.time())

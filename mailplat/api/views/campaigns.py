@@ -1,12 +1,13 @@
 """Campaigns (legacy API): POST/GET /v3/<domain>/campaigns, GET/PUT/DELETE
-/v3/<domain>/campaigns/<id>, GET .../<id>/stats (groupby=domain|daily_hour|...) and
-GET .../<id>/events (event, recipient, limit).  Messages join a campaign with o:campaign or
+/v3/<domain>/campaigns/<id>, GET .../<id>/stats (groupby=daily_hour|domain, limit) and
+GET .../<id>/events (event, recipient, limit), in the seed's shapes.  Messages join a campaign with o:campaign or
 X-Mailgun-Campaign-Id (up to three, core.options); counts come from core.stats counters under
 the campaign's scope, events from the events table."""
 from __future__ import annotations
 
 import re
 import secrets
+import time
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -95,38 +96,105 @@ def _delete_sync(domain: str, cid: str) -> None:
     Campaign.delete().where((Campaign.domain == domain) & (Campaign.campaign_id == cid)).execute()
 
 
-def _stats_sync(domain: str, cid: str, groupby: str) -> object:
+# The seed's per-group counters ("total"): each event kind, and "bounced" for permanent failures
+# that were attempted (not suppression drops).
+STAT_KEYS = ("delivered", "opened", "clicked", "unsubscribed", "complained", "bounced")
+
+
+def _stat_name(counter_key: str) -> str | None:
+    """The "total" entry a core.stats counter key adds to."""
+    if counter_key.startswith("failed.permanent."):
+        return None if counter_key.startswith("failed.permanent.suppress") else "bounced"
+    name = counter_key.partition(".")[0]
+    return name if name in STAT_KEYS else None
+
+
+def _in_campaign(data: dict, cid: str) -> bool:
+    return any((c.get("id") if isinstance(c, dict) else c) == cid for c in data.get("campaigns") or [])
+
+
+def _campaign_events(domain: str, cid: str, kinds: tuple, recipient: str = ""):
+    """The campaign's events of `kinds`, newest first, walking the (domain, event, timestamp)
+    or (domain, recipient, timestamp) index; the campaign itself is matched on the event data."""
+    cond = (Event.domain == domain) & Event.event.in_(kinds)
+    if recipient:
+        cond &= Event.recipient == recipient
+    q = Event.select(Event.data).where(cond).order_by(Event.timestamp.desc()).tuples()
+    for (data,) in q.iterator():
+        if _in_campaign(data, cid):
+            yield data
+
+
+class _Group:
+    """One group of the stats: counters plus the sets behind "unique"."""
+
+    def __init__(self):
+        self.total = {k: 0 for k in STAT_KEYS}
+        self.opened, self.clicked, self.links = set(), set(), set()
+
+    def add_event(self, data: dict) -> None:
+        for key in stats.counter_keys(data):
+            name = _stat_name(key)
+            if name:
+                self.total[name] += 1
+        self.note_unique(data)
+
+    def note_unique(self, data: dict) -> None:
+        if data.get("event") == "opened":
+            self.opened.add(data.get("recipient", ""))
+        elif data.get("event") == "clicked":
+            self.clicked.add(data.get("recipient", ""))
+            self.links.add(data.get("url", ""))
+
+    def present(self) -> dict:
+        return {"total": self.total,
+                "unique": {"opened": {"recipient": len(self.opened)},
+                           "clicked": {"recipient": len(self.clicked), "link": len(self.links)}}}
+
+
+def _stats_sync(domain: str, cid: str, groupby: str, limit: int) -> object:
+    """Without groupby: the campaign's totals (counters) and unique opens/clicks (events).
+    groupby=daily_hour: the same per hour of the day (0-23, UTC); groupby=domain: per recipient
+    domain (from the events).  `limit` groups, the busiest first for domain."""
     _get(domain, cid)
-    if not groupby:
-        return {"total": _counts(domain, cid)}
-    if groupby not in ("daily_hour", "day", "hour"):
-        raise InputError("'groupby' should be daily_hour")
+    if groupby not in ("", "daily_hour", "domain"):
+        raise InputError("'groupby' should be one of: daily_hour, domain")
+    if groupby == "domain":
+        groups: dict = {}
+        for data in _campaign_events(domain, cid, ("delivered", "failed") + STAT_KEYS[1:5]):
+            rcpt = str(data.get("recipient", ""))
+            groups.setdefault(rcpt.rpartition("@")[2], _Group()).add_event(data)
+        ranked = sorted(groups.items(), key=lambda kv: (-sum(kv[1].total.values()), kv[0]))[:limit]
+        return [{"domain": d, **g.present()} for d, g in ranked]
     rows = (StatCounter.select(StatCounter.hour, StatCounter.key, StatCounter.count)
             .where((StatCounter.domain == domain) & (StatCounter.tag == stats.CAMPAIGN_PREFIX + cid)).tuples())
-    buckets: dict[int, dict] = {}
+    by_hour: dict[int, _Group] = {}
+
+    def group(ts: float) -> _Group:
+        return by_hour.setdefault(time.gmtime(ts).tm_hour if groupby else 0, _Group())
     for hour, key, n in rows:
-        b = buckets.setdefault(hour, {k: 0 for k in COUNTS})
-        for name, prefix in COUNTS.items():
-            if key.startswith(prefix):
-                b[name] += int(n)
-    return [{"daily_hour": rfc2822(h), **v} for h, v in sorted(buckets.items())]
+        g, name = group(hour), _stat_name(key)  # an hour with sends alone still shows, all zero
+        if name:
+            g.total[name] += int(n)
+    for data in _campaign_events(domain, cid, ("opened", "clicked")):
+        group(data["timestamp"]).note_unique(data)
+    if not groupby:
+        return by_hour.get(0, _Group()).present()
+    return [{"daily_hour": h, **g.present()} for h, g in sorted(by_hour.items())][:limit]
 
 
 def _events_sync(domain: str, cid: str, event: str, recipient: str, limit: int) -> list[dict]:
+    """The seed's campaign history items: timestamp, user_vars, domain, recipient, tags, event."""
     _get(domain, cid)
-    cond = Event.domain == domain
-    if event:
-        cond &= Event.event == event
-    if recipient:
-        cond &= Event.recipient == recipient
+    kinds = (event,) if event else ("accepted", "delivered", "failed", "opened", "clicked",
+                                    "unsubscribed", "complained", "stored")
     out = []
-    for (data,) in Event.select(Event.data).where(cond).order_by(Event.timestamp.desc()).limit(20_000).tuples():
-        if any((c.get("id") if isinstance(c, dict) else c) == cid for c in data.get("campaigns") or []):
-            out.append({"event": data["event"], "recipient": data.get("recipient", ""),
-                        "timestamp": rfc2822(data["timestamp"]),
-                        "message-id": ((data.get("message") or {}).get("headers") or {}).get("message-id", "")})
-            if len(out) >= limit:
-                break
+    for data in _campaign_events(domain, cid, kinds, recipient):
+        out.append({"timestamp": rfc2822(data["timestamp"]), "user_vars": data.get("user-variables") or {},
+                    "domain": domain, "recipient": data.get("recipient", ""), "tags": data.get("tags") or [],
+                    "event": data["event"]})
+        if len(out) >= limit:
+            break
     return out
 
 
@@ -173,7 +241,9 @@ def setup(app: web.Application, ctx: Context) -> None:
 
     async def cstats(request):
         domain, cid = parts(request)
-        return json_response(await store.read(_stats_sync, domain, cid, query(request).str("groupby") or ""))
+        form = query(request)
+        return json_response(await store.read(_stats_sync, domain, cid, form.str("groupby") or "",
+                                              form.int("limit", 100, lo=1, hi=1000)))
 
     async def cevents(request):
         domain, cid = parts(request)
