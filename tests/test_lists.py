@@ -287,7 +287,7 @@ def test_fan_out_through_the_relay_to_a_loopback_mx(tmp_path, dns_server):
         point_mx(dns_server, members_domain, "127.0.0.1")
         assert s.api("POST", "/v3/domains", data={"name": d}).status_code == 200
         address = f"club@{d}"
-        assert s.api("POST", "/v3/lists", data={"address": address}).status_code == 200
+        assert s.api("POST", "/v3/lists", data={"address": address, "access_level": "everyone"}).status_code == 200
         people = [{"address": f"p{i}@{members_domain}", "name": f"Pat{i} Doe{i}", "vars": {"seat": i}} for i in range(3)]
         s.api("POST", f"/v3/lists/{address}/members.json", data={"members": json.dumps(people)})
         r = s.api("POST", f"/v3/{d}/messages", data={
@@ -303,3 +303,12 @@ def test_fan_out_through_the_relay_to_a_loopback_mx(tmp_path, dns_server):
             # Sent through the API: a VERP return path on the domain, so bounces come back.
             assert msg["To"] == address and copy.mail_from.startswith("bounce+")
             assert copy.mail_from.endswith(f"@{d}")
+        # Posted to the list through the MX: the copies carry VERP return paths too, so a
+        # member's asynchronous bounce comes back to that member's queue row, not to the list.
+        with smtplib.SMTP("127.0.0.1", s.ports["smtp"], timeout=30) as c:
+            c.ehlo(members_domain)
+            c.sendmail(f"p0@{members_domain}", [address],
+                       f"From: p0@{members_domain}\r\nSubject: Posted\r\n\r\nhello all\r\n".encode())
+        posted = [m for m in sink.wait_count(6, timeout=30) if b"Subject: Posted" in m.data]
+        assert sorted(m.rcpt_tos[0] for m in posted) == [f"p{i}@{members_domain}" for i in range(3)]
+        assert all(m.mail_from.startswith("bounce+") and m.mail_from.endswith(f"@{d}") for m in posted)

@@ -5,7 +5,7 @@ recipient of one message) and carries an HMAC over the row id and the domain, ke
 derived from the installation's TrackingSecret (a different derivation from the link tokens of
 core.tracking), truncated to 80 bits.  Tokens are lower-case hex, so an MTA that lower-cases
 local parts does not break them.  The relay (relay.worker) asks `return_path_sync` for the
-MAIL FROM of API and SMTP submitted mail; core.receive asks `claim_sync` at RCPT (a valid
+MAIL FROM of API and SMTP submitted mail and of list copies; core.receive asks `claim_sync` at RCPT (a valid
 token is accepted, a forged one is 550 5.1.1 whoever else would take the address); core.feedback
 asks `queue_id_for` to map a DSN arriving at such an address to its exact message and recipient.
 """
@@ -19,7 +19,7 @@ import threading
 from ..store.tracking_models import TrackingSecret
 
 PREFIX = "bounce+"
-SOURCES = ("api", "smtp")  # route forwards keep the original sender; lists their list address
+SOURCES = ("api", "smtp", "list")  # route forwards keep the original sender
 MAC_HEX = 20  # 80 bits
 _TOKEN = re.compile(r"^([0-9a-f]{1,15})-([0-9a-f]{%d})$" % MAC_HEX)
 _key: bytes | None = None
@@ -49,7 +49,7 @@ def make_address(key: bytes, queue_id: int, domain: str) -> str:
 
 def return_path_sync(message, queue_id: int) -> str:
     """Inside a store read: the MAIL FROM for this copy.  The null sender stays null; mail that
-    is not API/SMTP submitted (route forwards, list copies) keeps its stored sender."""
+    is forwarded by a route keeps its stored sender."""
     sender = message.sender or ""
     if not sender or message.source not in SOURCES:
         return sender
