@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import config as configmod
 from . import logs
+from .store import repair
 
 SERVICE_NAMES = ["api", "smtpd", "relay", "mailaccess", "hooks"]
 PORT_FLAGS = {
@@ -242,13 +243,61 @@ def cmd_key(args) -> int:
 # -- db -------------------------------------------------------------------------------------
 def cmd_db(args) -> int:
     cfg = _load(args)
+    if args.db_cmd == "repair":
+        return _db_repair(cfg)
     store = _open_store(cfg, migrate=False)
     try:
+        if args.db_cmd == "check":
+            problems = repair.check(store)
+            print("\n".join(problems) if problems else "ok")
+            return 1 if problems else 0
         applied = store.migrate()
         print("\n".join(f"applied {name}" for name in applied) or "schema is up to date")
         return 0
     finally:
         store.close()
+
+
+def _live_ports(cfg: configmod.Config) -> list[int]:
+    """The ports a running mailplat wrote to ports.json that still accept connections."""
+    import socket
+    try:
+        ports = json.loads((cfg.data_dir / "ports.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return []
+    host = "127.0.0.1" if cfg.server.bind in ("0.0.0.0", "::", "") else cfg.server.bind
+    live = []
+    for port in sorted(set(ports.values())):
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            live.append(int(port))
+        except OSError:
+            pass
+    return live
+
+
+def _db_repair(cfg: configmod.Config) -> int:
+    """Rebuild a damaged SQLite store from what can still be read (services must be stopped)."""
+    from .store.db import open_store
+    path = repair.sqlite_path(cfg.db_url)
+    if path is None:
+        _die("db repair works on the SQLite store; PostgreSQL is repaired with its own tools")
+    live = _live_ports(cfg)
+    if live:
+        _die(f"mailplat is running (ports {', '.join(map(str, live))} answer): stop it first")
+    recovered = f"{path}.recovered"
+    for leftover in (recovered, recovered + "-wal", recovered + "-shm"):
+        Path(leftover).unlink(missing_ok=True)
+    open_store(f"sqlite:///{recovered}", 1).close()  # the full schema, empty
+    result = repair.salvage(path, recovered)
+    for table, n in sorted(result.copied.items()):
+        lost = result.lost.get(table, 0)
+        print(f"{table}: {n} rows kept" + (f", {lost} unreadable rows lost" if lost else ""))
+    for table in result.unreadable_tables:
+        print(f"{table}: not found in the damaged file (left empty)")
+    aside = repair.swap_in(path, recovered)
+    print(f"store rebuilt; the damaged file is kept as {aside}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("db", parents=[common], help="database maintenance")
     bsub = p.add_subparsers(dest="db_cmd", required=True)
     bsub.add_parser("migrate", parents=[common])
+    bsub.add_parser("check", parents=[common], help="integrity check (exit 1 on problems)")
+    bsub.add_parser("repair", parents=[common], help="rebuild a damaged SQLite store (services stopped)")
     p.set_defaults(fn=cmd_db)
     return parser
 
@@ -322,7 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.fn(args) or 0
+    try:
+        return args.fn(args) or 0
+    except repair.StoreDamaged as exc:
+        _die(str(exc))
 
 
 if __name__ == "__main__":

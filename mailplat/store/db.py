@@ -370,7 +370,13 @@ _STOP = object()
 def open_store(url: str, read_threads: int = 4, migrate: bool = True) -> Store:
     """Open the process's store (running pending migrations unless told not to)."""
     global _current
+    from .repair import probe
     store = Store(url, read_threads=read_threads)
+    try:
+        probe(store.db, url)
+    except Exception:
+        store.close()
+        raise
     if migrate:
         store.migrate()
     _current = store
