@@ -70,3 +70,17 @@ def test_private_addresses_refused_unless_allowed(dns_server):
     with pytest.raises(MxTemporary, match="private address"):
         run(resolver(dns_server, allow_private=False).resolve(d))
     assert sorted(run(resolver(dns_server, allow_private=True).resolve(d))[0].addresses) == ["10.1.2.3", "127.0.0.1"]
+
+
+def test_silent_nameserver_is_a_temporary_failure():
+    """A nameserver that never answers (a UDP socket on loopback that reads nothing) makes the
+    lookup time out within the configured timeout, and the verdict is temporary."""
+    import socket
+    import time
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        res = MxResolver(make_resolver(DnsConfig(nameserver="127.0.0.1", port=silent.getsockname()[1], timeout=0.5)))
+        started = time.monotonic()
+        with pytest.raises(MxTemporary, match="timed out"):
+            run(res.resolve(name()))
+        assert time.monotonic() - started < 5
