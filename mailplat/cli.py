@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from . import config as configmod
@@ -244,6 +245,11 @@ def cmd_db(args) -> int:
     cfg = _load(args)
     store = _open_store(cfg, migrate=False)
     try:
+        if args.db_cmd == "gc":
+            from .store import blobs
+            with store.sync():
+                print(f"deleted {blobs.collect_sync(time.time() - args.grace)} unreferenced blobs")
+            return 0
         applied = store.migrate()
         print("\n".join(f"applied {name}" for name in applied) or "schema is up to date")
         return 0
@@ -315,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("db", parents=[common], help="database maintenance")
     bsub = p.add_subparsers(dest="db_cmd", required=True)
     bsub.add_parser("migrate", parents=[common])
+    gc = bsub.add_parser("gc", parents=[common], help="delete message bodies nothing references any more "
+                         "(the inbound worker does it hourly)")
+    gc.add_argument("--grace", type=float, default=3600.0,
+                    help="only bodies stored at least this many seconds ago (default 3600)")
     p.set_defaults(fn=cmd_db)
     return parser
 
