@@ -49,6 +49,7 @@ KEEP_DONE_SECONDS = 7 * 86400.0
 GC_SECONDS = 3600.0  # blobs nothing references are collected this often
 _last_purge = 0.0
 _last_gc = 0.0
+_bouncing = True  # jobs may be waiting for their notice (set by a pass that gives one up)
 FULL_REPLY = "552 5.2.2 Mailbox full"
 LOCKED_PASSWORD = "!locked"  # no argon2 hash: nothing logs in until the operator sets a password
 
@@ -297,6 +298,7 @@ def _deliver_batch(now: float, policy: Policy, is_postgres: bool) -> tuple[int, 
 
 
 def _deliver_jobs(jobs: list[InboundJob], now: float, policy: Policy) -> tuple[int, set[int]]:
+    global _bouncing
     hostname = policy.hostname
     folders: set[int] = set()
     inbox = mailboxes.InboxBatch()
@@ -371,6 +373,7 @@ def _deliver_jobs(jobs: list[InboundJob], now: float, policy: Policy) -> tuple[i
             if now - job.received_at >= policy.max_age:
                 # Given up: "bouncing" until the sender has its notice (_return_to_senders).
                 job.state, job.last_error = "bouncing", f"mailbox full: {', '.join(full)}"[:1000]
+                _bouncing = True
             else:
                 delay = RETRY_SECONDS[min(job.attempts - 1, len(RETRY_SECONDS) - 1)]
                 job.next_attempt_at, job.last_error = now + delay, "mailbox full"
@@ -403,7 +406,12 @@ def _bounced_sync(job_id: int) -> None:
 async def _return_to_senders(ctx) -> None:
     """A delivery status notification to the sender of each message given up on (at least
     once: a crash before the job is marked failed sends it again), then the job is failed."""
+    global _bouncing
+    if not _bouncing:
+        return
+    _bouncing = False
     for job, head in await ctx.store.read(_bouncing_sync):
+        _bouncing = True  # look again next pass: there may be more than one batch
         failed = [r for r in job.rcpt_tos if r not in (job.done_rcpts or [])]
         if failed and dsn.owed(job.mail_from, head):
             domain = await ctx.store.read(lambda: _our_domain(failed[0].rsplit("@", 1)[1]))
