@@ -161,6 +161,13 @@ def test_core_given_up_full_mailbox_is_returned_to_its_sender(db_url, tmp_path):
         assert b"Message-Id: <orig@far.test>" in headers.as_bytes() and b"yyyy" not in headers.as_bytes()
         await receive.deliver_due(ctx)  # sent once
         assert await ctx.store.read(lambda: Message.select().count()) == 1
+        # A notice being sent is leased: another worker process does not send it too, unless
+        # the lease runs out (the sender crashed).
+        await ctx.store.write(lambda: InboundJob.update(state="bouncing", lease_until=None).where(
+            InboundJob.mail_from == "").execute())
+        first = await ctx.store.write(receive._claim_bouncing_sync, now[0])
+        assert len(first) == 1 and await ctx.store.write(receive._claim_bouncing_sync, now[0]) == []
+        assert len(await ctx.store.write(receive._claim_bouncing_sync, now[0] + receive.NOTICE_LEASE + 1)) == 1
 
     try:
         asyncio.run(scenario())

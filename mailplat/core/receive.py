@@ -394,9 +394,22 @@ def _purge_sync(before: float) -> int:
     return InboundJob.delete().where((InboundJob.state == "done") & (InboundJob.received_at < before)).execute()
 
 
-def _bouncing_sync() -> list[tuple[InboundJob, bytes]]:
-    jobs = list(InboundJob.select().where(InboundJob.state == "bouncing").order_by(InboundJob.id).limit(BATCH_JOBS))
-    return [(j, blobs.head_sync(j.blob, dsn.MAX_HEADERS) or b"") for j in jobs]
+NOTICE_LEASE = 600.0
+_OWNER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _claim_bouncing_sync(now: float) -> list[tuple[InboundJob, bytes]]:
+    """Jobs owed a notice, leased to this process (another worker process does not send the
+    same notice meanwhile; a crashed one's lease runs out)."""
+    jobs = list(InboundJob.select().where((InboundJob.state == "bouncing") & (
+        InboundJob.lease_until.is_null() | (InboundJob.lease_until < now))).order_by(InboundJob.id).limit(BATCH_JOBS))
+    out = []
+    for j in jobs:
+        unchanged = InboundJob.lease_until.is_null() if j.lease_until is None else InboundJob.lease_until == j.lease_until
+        if InboundJob.update(lease_owner=_OWNER, lease_until=now + NOTICE_LEASE).where(
+                (InboundJob.id == j.id) & unchanged).execute():
+            out.append((j, blobs.head_sync(j.blob, dsn.MAX_HEADERS) or b""))
+    return out
 
 
 def _bounced_sync(job_id: int) -> None:
@@ -410,7 +423,7 @@ async def _return_to_senders(ctx) -> None:
     if not _bouncing:
         return
     _bouncing = False
-    for job, head in await ctx.store.read(_bouncing_sync):
+    for job, head in await ctx.store.write_background(_claim_bouncing_sync, ctx.clock()):
         _bouncing = True  # look again next pass: there may be more than one batch
         failed = [r for r in job.rcpt_tos if r not in (job.done_rcpts or [])]
         if failed and dsn.owed(job.mail_from, head):
