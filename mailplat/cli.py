@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from . import config as configmod
@@ -246,9 +245,10 @@ def cmd_db(args) -> int:
     store = _open_store(cfg, migrate=False)
     try:
         if args.db_cmd == "gc":
-            from .store import blobs
-            with store.sync():
-                print(f"deleted {blobs.collect_sync(time.time() - args.grace)} unreferenced blobs")
+            from .core import receive
+            from .core.context import Context
+            n = asyncio.run(receive.collect_garbage(Context(config=cfg, store=store), args.grace))
+            print(f"deleted {n} unreferenced blobs")
             return 0
         applied = store.migrate()
         print("\n".join(f"applied {name}" for name in applied) or "schema is up to date")

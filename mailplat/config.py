@@ -36,6 +36,9 @@ class DatabaseConfig:
     # Empty means SQLite at <data_dir>/mailplat.db.  postgresql://user@host:port/dbname for PostgreSQL.
     url: str = ""
     read_threads: int = 4
+    # Days the body of a sent message is kept once every recipient is delivered or failed
+    # (then the body goes; the message's row and events stay).  0: kept forever.
+    keep_sent_bodies_days: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -271,6 +274,8 @@ def _validate(cfg: Config, problems: list) -> None:
         problems.append(("smtp.recipient_delimiter", "must be one character other than a letter, a digit, @, . or \""))
     if cfg.smtp.postmaster_mailbox and "@" not in cfg.smtp.postmaster_mailbox:
         problems.append(("smtp.postmaster_mailbox", "must be a full address (or empty)"))
+    if cfg.database.keep_sent_bodies_days < 0:
+        problems.append(("database.keep_sent_bodies_days", "must not be negative"))
     if cfg.mailaccess.over_quota_days < 0:
         problems.append(("mailaccess.over_quota_days", "must not be negative"))
     if cfg.api.domains_rate_limit_per_minute < 1:

@@ -197,6 +197,20 @@ def test_core_blob_gc(db_url, tmp_path):
         assert await ctx.store.write(blobs.collect_sync, time.time() + 1) == 0
         assert sorted(await ctx.store.read(mailboxes.blobs_present_sync, [gone, kept])) == sorted([gone, kept])
 
+        # Sent mail: the body goes keep_sent_bodies_days after every recipient is final.
+        from mailplat.core import send
+        for subject in ("done", "pending"):
+            await send.submit(ctx, send.SendRequest(domain="gc.test", source="api", from_="a@gc.test",
+                                                    to=["x@far.test"], subject=subject, text="hi"))
+        await ctx.store.write(lambda: QueueItem.update(state="delivered").where(
+            QueueItem.message.in_(Message.select(Message.id).where(Message.subject == "done"))).execute())
+        sent = await ctx.store.read(lambda: {m.subject: m.blob for m in Message.select()})
+        assert await receive.collect_garbage(ctx, 0) == 0  # younger than 30 days
+        await ctx.store.write(lambda: Message.update(created_at=Message.created_at - 31 * 86400).execute())
+        assert await receive.collect_garbage(ctx, 0) == 1
+        assert await ctx.store.read(mailboxes.blobs_present_sync, list(sent.values())) == [sent["pending"]]
+        assert await ctx.store.read(lambda: Message.select().count()) == 2  # the rows stay
+
     try:
         asyncio.run(scenario())
     finally:

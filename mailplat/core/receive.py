@@ -441,6 +441,15 @@ async def _return_to_senders(ctx) -> None:
         await ctx.store.write(_bounced_sync, job.id)
 
 
+async def collect_garbage(ctx, grace: float) -> int:
+    """Sent bodies past [database] keep_sent_bodies_days are let go (core.send), then every
+    blob stored more than `grace` seconds ago that nothing references is deleted."""
+    days = ctx.config.database.keep_sent_bodies_days
+    if days > 0:
+        await ctx.store.write_background(send.release_bodies_sync, ctx.clock() - days * 86400.0)
+    return await ctx.store.write_background(blobs.collect_sync, time.time() - grace)
+
+
 async def deliver_due(ctx) -> int:
     """Deliver every due job now (the worker's step; tests and the CLI may call it).  Done jobs
     are kept KEEP_DONE_SECONDS for diagnosis, then removed; every GC_SECONDS blobs nothing
@@ -451,7 +460,7 @@ async def deliver_due(ctx) -> int:
         await ctx.store.write(_purge_sync, ctx.clock() - KEEP_DONE_SECONDS)
     if ctx.clock() - _last_gc > GC_SECONDS:
         _last_gc = ctx.clock()
-        n = await ctx.store.write_background(blobs.collect_sync, time.time() - blobs.GRACE_SECONDS)
+        n = await collect_garbage(ctx, blobs.GRACE_SECONDS)
         if n:
             log.info("unreferenced blobs deleted", extra={"fields": {"count": n}})
     for pre in PRE_DELIVERY:
