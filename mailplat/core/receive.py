@@ -26,8 +26,8 @@ import os
 import re
 import socket
 import time
-from types import SimpleNamespace
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable
 
 from .. import logs
@@ -454,12 +454,13 @@ async def deliver_due(ctx) -> int:
     """Deliver every due job now (the worker's step; tests and the CLI may call it).  Done jobs
     are kept KEEP_DONE_SECONDS for diagnosis, then removed; every GC_SECONDS blobs nothing
     references any more are deleted (store.blobs.collect_sync)."""
-    global _last_purge, _last_gc
+    global _last_purge, _last_gc, _bouncing
     if ctx.clock() - _last_purge > 600:
         _last_purge = ctx.clock()
         await ctx.store.write(_purge_sync, ctx.clock() - KEEP_DONE_SECONDS)
     if ctx.clock() - _last_gc > GC_SECONDS:
         _last_gc = ctx.clock()
+        _bouncing = True  # notices another process leased and never sent (it died) are retaken
         n = await collect_garbage(ctx, blobs.GRACE_SECONDS)
         if n:
             log.info("unreferenced blobs deleted", extra={"fields": {"count": n}})
