@@ -224,49 +224,56 @@ def test_every_blob_column_is_a_gc_reference():
 
 
 def test_pg_gc_waits_for_a_writer_storing_the_same_body(db_url, tmp_path):
-    """A collection running while another transaction stores the same bytes again (row locked
-    by its ON CONFLICT refresh) waits for it, then keeps the blob that transaction references."""
+    """A collection running while another transaction stores the same bytes again (put_sync:
+    its ON CONFLICT refresh locks the row) waits for it, then keeps the blob that transaction
+    references."""
     if not db_url.startswith("postgres"):
         pytest.skip("PostgreSQL only: SQLite serializes write transactions")
     import psycopg2
     ctx = _ctx(db_url, tmp_path)
     body = b"Subject: again\r\n\r\nsame bytes\r\n"
     sha = blobs.digest(body)
+    stored, release, result = threading.Event(), threading.Event(), {}
+
+    def writer():  # a connection of its own (peewee connections are per thread)
+        with ctx.store.sync():
+            blobs.put_sync(body)
+            stored.set()
+            release.wait(30)
+            StoredMessage.create(key="k1", domain="x.test", blob=sha, size=len(body), expires_at=time.time() + 60)
+
+    def gc():
+        with ctx.store.sync():
+            result["n"] = blobs.collect_sync(time.time() - 60)
+
+    watcher = psycopg2.connect(db_url)
+    watcher.autocommit = True  # pg_stat_activity is a snapshot per transaction
+    cur = watcher.cursor()
+
+    def gc_waits():
+        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND query LIKE 'DELETE%%'")
+        return cur.fetchone()[0] == 1
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=gc)]
     try:
         with ctx.store.sync():
             blobs.put_sync(body)
             Blob.update(created_at=0).where(Blob.sha256 == sha).execute()  # old and unreferenced
-        writer = psycopg2.connect(db_url)
-        cur = writer.cursor()
-        cur.execute('INSERT INTO "blob" ("sha256", "size", "data", "created_at") VALUES (%s, %s, %s, %s) '
-                    'ON CONFLICT ("sha256") DO UPDATE SET "created_at" = EXCLUDED."created_at"',
-                    (sha, len(body), body, time.time()))
-        result = {}
-
-        def gc():
-            with ctx.store.sync():
-                result["n"] = blobs.collect_sync(time.time() - 60)
-        t = threading.Thread(target=gc)
-        t.start()
-        cur2 = psycopg2.connect(db_url).cursor()
-
-        def gc_waits():
-            cur2.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' "
-                         "AND query LIKE 'DELETE%%'")
-            return cur2.fetchone()[0] == 1
+        threads[0].start()
+        assert stored.wait(10)
+        threads[1].start()
         wait_for(gc_waits, timeout=10, what="the collection to wait on the writer's row lock")
-        cur.execute('INSERT INTO "stored_message" ("key", "domain", "blob", "size", "sender", "recipient", '
-                    '"created_at", "expires_at") VALUES (%s, %s, %s, %s, %s, %s, %s, %s)',
-                    ("k1", "x.test", sha, len(body), "", "", time.time(), time.time() + 60))
-        writer.commit()
-        t.join(10)
+        release.set()
+        for t in threads:
+            t.join(10)
         assert result == {"n": 0}
         with ctx.store.sync():
             assert Blob.select().where(Blob.sha256 == sha).exists()
             assert StoredMessage.select().count() == 1
-        writer.close()
-        cur2.connection.close()
     finally:
+        release.set()
+        watcher.close()
         ctx.store.close()
 
 
