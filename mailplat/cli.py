@@ -251,6 +251,12 @@ def cmd_db(args) -> int:
             problems = repair.check(store)
             print("\n".join(problems) if problems else "ok")
             return 1 if problems else 0
+        if args.db_cmd == "gc":
+            from .core import receive
+            from .core.context import Context
+            n = asyncio.run(receive.collect_garbage(Context(config=cfg, store=store), args.grace))
+            print(f"deleted {n} unreferenced blobs")
+            return 0
         applied = store.migrate()
         print("\n".join(f"applied {name}" for name in applied) or "schema is up to date")
         return 0
@@ -366,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     bsub.add_parser("migrate", parents=[common])
     bsub.add_parser("check", parents=[common], help="integrity check (exit 1 on problems)")
     bsub.add_parser("repair", parents=[common], help="rebuild a damaged SQLite store (services stopped)")
+    gc = bsub.add_parser("gc", parents=[common], help="delete message bodies nothing references any more "
+                         "(the inbound worker does it hourly)")
+    gc.add_argument("--grace", type=float, default=3600.0,
+                    help="only bodies stored at least this many seconds ago (default 3600)")
     p.set_defaults(fn=cmd_db)
     return parser
 

@@ -36,6 +36,9 @@ class DatabaseConfig:
     # Empty means SQLite at <data_dir>/mailplat.db.  postgresql://user@host:port/dbname for PostgreSQL.
     url: str = ""
     read_threads: int = 4
+    # Days the body of a sent message is kept once every recipient is delivered or failed
+    # (then the body goes; the message's row and events stay).  0: kept forever.
+    keep_sent_bodies_days: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,13 @@ class SmtpConfig:
     max_errors: int = 20
     command_timeout: float = 300.0
     max_connections_per_ip: int = 50
+    # Plus-addressing: mail to user<delimiter>anything@domain is filed in user@domain's mailbox
+    # when no mailbox, route or list names the full address.  Empty: off.
+    recipient_delimiter: str = "+"
+    # Mailbox (a full address) that gets postmaster@<domain> mail for a domain with no
+    # postmaster mailbox and no route or list for it.  Empty: postmaster@<domain> is created
+    # as a locked mailbox (readable once the operator sets its password).
+    postmaster_mailbox: str = ""
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,9 @@ class MailAccessConfig:
     pop3_port: int = 5110
     pop3s_port: int = 5995
     quota_bytes: int = 1_073_741_824
+    # Days inbound mail for a full mailbox is retried before it is returned to its sender
+    # (a delivery status notification).
+    over_quota_days: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -256,6 +269,15 @@ def _validate(cfg: Config, problems: list) -> None:
         problems.append(("smtp.max_message_bytes", "must be at least 1024"))
     if cfg.smtp.max_recipients < 1:
         problems.append(("smtp.max_recipients", "must be at least 1"))
+    if len(cfg.smtp.recipient_delimiter) > 1 or cfg.smtp.recipient_delimiter.isalnum() \
+            or cfg.smtp.recipient_delimiter in ("@", ".", '"'):
+        problems.append(("smtp.recipient_delimiter", "must be one character other than a letter, a digit, @, . or \""))
+    if cfg.smtp.postmaster_mailbox and "@" not in cfg.smtp.postmaster_mailbox:
+        problems.append(("smtp.postmaster_mailbox", "must be a full address (or empty)"))
+    if cfg.database.keep_sent_bodies_days < 0:
+        problems.append(("database.keep_sent_bodies_days", "must not be negative"))
+    if cfg.mailaccess.over_quota_days < 0:
+        problems.append(("mailaccess.over_quota_days", "must not be negative"))
     if cfg.api.domains_rate_limit_per_minute < 1:
         problems.append(("api.domains_rate_limit_per_minute", "must be at least 1"))
     if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -534,20 +534,29 @@ class InboxBatch:
     and the message rows one multi-row INSERT.  The quota is checked message by message."""
 
     def __init__(self):
-        self._boxes: dict[str, list | None] = {}  # address -> [mbid, used, quota, fid, next uid, modseq]
+        self._boxes: dict[str, list] = {}  # address -> [mbid, used, quota, fid, next uid, modseq]
         self._added: dict[int, list] = {}  # fid -> that same list, for folders that got mail
         self._rows: list[dict] = []
 
-    def deliver(self, address: str, sha: str, size: int, date: float) -> int | None:
-        """File into the INBOX of `address`; returns the folder id, None when there is no such
-        mailbox; OverQuota when this message does not fit."""
-        if address not in self._boxes:
+    def _box(self, address: str) -> list | None:
+        box = self._boxes.get(address)
+        if box is None:  # an absent mailbox is looked up again: the batch may create it
             row = (Mailbox.select(Mailbox.id, Mailbox.size_bytes, Mailbox.quota_bytes, MailFolder.id,
                                   MailFolder.uidnext, MailFolder.highestmodseq)
                    .join(MailFolder, on=((MailFolder.mailbox == Mailbox.id) & (MailFolder.name == "INBOX")))
                    .where(Mailbox.address == address).tuples().first())
-            self._boxes[address] = None if row is None else [row[0], row[1], row[2], row[3], row[4], row[5] + 1, 0]
-        box = self._boxes[address]
+            if row is not None:
+                box = self._boxes[address] = [row[0], row[1], row[2], row[3], row[4], row[5] + 1, 0]
+        return box
+
+    def exists(self, address: str) -> bool:
+        """Is there a mailbox `address` (read once per batch)?"""
+        return self._box(address) is not None
+
+    def deliver(self, address: str, sha: str, size: int, date: float) -> int | None:
+        """File into the INBOX of `address`; returns the folder id, None when there is no such
+        mailbox; OverQuota when this message does not fit."""
+        box = self._box(address)
         if box is None:
             return None
         mbid, used, quota, fid, uid, modseq, _ = box

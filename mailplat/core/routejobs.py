@@ -45,6 +45,14 @@ def recipient_taken_sync(address: str, domain_row) -> bool:
     return lists.list_address_taken_sync(address) or routes.recipient_matches_sync(address)
 
 
+def exact_taker_sync(address: str) -> bool:
+    """A list, or a route's match_recipient, names this address: plus-addressing and the
+    postmaster fallback of core.receive leave it to them."""
+    return (lists.list_address_taken_sync(address)
+            or (receive.memo("routes exist", Route.select(Route.id).exists)
+                and routes.recipient_matches_sync(address, True)))
+
+
 def job_handler_sync(job, orphans) -> None:
     """In core.receive's delivery transaction: queue the job for routes/lists when any route
     exists or a recipient is a list (or unsubscribe) address."""
@@ -117,6 +125,7 @@ async def spam_prepass(ctx) -> None:
 
 receive.register_recipient_source(recipient_taken_sync)
 receive.register_job_handler(job_handler_sync)
+receive.register_exact_taker(exact_taker_sync)
 receive.DELIVERY_FILTERS.append(spam_filter_sync)
 receive.PRE_DELIVERY.append(spam_prepass)
 

@@ -322,13 +322,17 @@ def plan(routes: list[dict], recipient: str, headers: list[tuple[str, str]]) -> 
     return steps
 
 
-def recipient_matches_sync(address: str) -> bool:
+def recipient_matches_sync(address: str, named: bool = False) -> bool:
     """Inside a store read: does any route take mail for `address` (its recipient filters hold,
-    or a catch_all)?  Header filters cannot be known at RCPT time and count as a match."""
+    or a catch_all)?  Header filters cannot be known at RCPT time and count as a match.  With
+    `named`, only a route with a match_recipient filter counts (a catch_all or header-only
+    route does not name the address)."""
     for expression, in Route.select(Route.expression).tuples():
         try:
             expr = parse_expression(expression)
         except InputError:
+            continue
+        if named and not any(f.kind == "recipient" for f in expr.filters):
             continue
         ok = True
         for f in expr.filters:

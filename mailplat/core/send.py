@@ -7,12 +7,15 @@ Message-Id and Date when missing), drops suppressed recipients (a `failed` event
 `suppress-bounce`), and in ONE store transaction stores the body (content-addressed blob), the
 Message row, one QueueItem per recipient and an `accepted` event per recipient.  It returns only
 after that commit, so the caller may then answer 200 / 250.  The relay takes it from the queue.
+`release_bodies_sync` lets go of sent bodies past [database] keep_sent_bodies_days.
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
 from dataclasses import dataclass, field
+
+from peewee import fn
 
 from ..errors import ForbiddenError, InputError, NotFound, TooLarge
 from ..store import blobs, queue
@@ -258,6 +261,16 @@ def _store(domain: str, source: str, prep: _Prepared, sha: str, options: dict, t
     if rows:
         queue.notify_new_sync()  # wakes relays (PostgreSQL NOTIFY is delivered at commit)
     return message
+
+
+def release_bodies_sync(before: float) -> int:
+    """Sent messages created before `before` whose every queue row is delivered or failed let
+    go of their body (blob ""), which store.blobs.collect_sync then deletes.  Their rows stay:
+    events, tracking and feedback read the Message row, never the body."""
+    pending = QueueItem.select(QueueItem.id).where(
+        (QueueItem.message == Message.id) & QueueItem.state.not_in(["delivered", "failed"]))
+    return Message.update(blob="").where(
+        (Message.created_at < before) & (Message.blob != "") & ~fn.EXISTS(pending)).execute()
 
 
 async def submit(ctx, req: SendRequest, principal=None) -> SendResult:

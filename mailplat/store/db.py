@@ -302,16 +302,19 @@ class Store:
 _insert_sql: dict = {}
 
 
-def insert_rows(model, rows: list[dict], *, ignore_conflicts: bool = False, returning_id: bool = False):
+def insert_rows(model, rows: list[dict], *, ignore_conflicts: bool = False, returning_id: bool = False,
+                refresh: str | None = None):
     """INSERT `rows` (dicts with the same keys; missing fields get their defaults) in one
     statement, inside the caller's transaction.  Returns the new id of the last row when
-    `returning_id` (one row), else None."""
+    `returning_id` (one row), else None.  With `ignore_conflicts`, a row whose primary key
+    exists is left as it is, except that on PostgreSQL its `refresh` column (if given) takes
+    the new value (store.blobs: this locks the row against a concurrent garbage collection)."""
     meta = model._meta
     db = meta.database
     names = tuple(rows[0])
     defaults = [(f.name, d) for f, d in meta.defaults.items() if f.name not in rows[0]]
     cols = names + tuple(n for n, _ in defaults)
-    key = (model, cols, len(rows), ignore_conflicts, returning_id)
+    key = (model, cols, len(rows), ignore_conflicts, returning_id, refresh)
     cached = _insert_sql.get(key)
     if cached is None:
         fields = [meta.fields[n] for n in cols]
@@ -319,9 +322,13 @@ def insert_rows(model, rows: list[dict], *, ignore_conflicts: bool = False, retu
         one = "(" + ", ".join([p] * len(cols)) + ")"
         sql = (f'INSERT INTO "{meta.table_name}" (' + ", ".join(f'"{f.column_name}"' for f in fields)
                + ") VALUES " + ", ".join([one] * len(rows)))
-        if ignore_conflicts:
+        postgres = isinstance(getattr(db, "obj", db), peewee.PostgresqlDatabase)
+        if ignore_conflicts and refresh and postgres:
+            col = meta.fields[refresh].column_name
+            sql += f' ON CONFLICT ("{meta.primary_key.column_name}") DO UPDATE SET "{col}" = EXCLUDED."{col}"'
+        elif ignore_conflicts:
             sql += " ON CONFLICT DO NOTHING"
-        returning = returning_id and isinstance(getattr(db, "obj", db), peewee.PostgresqlDatabase)
+        returning = returning_id and postgres
         if returning:
             sql += f' RETURNING "{meta.primary_key.column_name}"'
         if len(_insert_sql) > 1000:
