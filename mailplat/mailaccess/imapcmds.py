@@ -2,7 +2,8 @@
 APPEND, CLOSE/UNSELECT, and keeping a session's view (sequence numbers) in step with the store.
 
 Owns the protocol side of every mailbox command (arguments, responses, UIDPLUS/MOVE/CONDSTORE
-response codes); core.mailboxes decides and stores.  Store calls run in the store's threads;
+response codes, ESEARCH answers and the SEARCHRES "$" kept per selected mailbox); core.mailboxes
+decides and stores.  Store calls run in the store's threads;
 MIME parsing and SEARCH over bodies run in a worker thread, in chunks, so the reactor stays
 responsive and memory stays bounded.  Mixed into imap.IMAPServer.
 """
@@ -46,6 +47,7 @@ class Selected:
         self.uids = uids
         self.readonly = readonly
         self.version = mailboxes.version(info.id)
+        self.saved: list[int] = []  # UIDs of the SEARCHRES "$" (RFC 5182); expunged ones drop out
 
     def seq_of(self, uid: int) -> int | None:
         i = bisect.bisect_left(self.uids, uid)
@@ -53,6 +55,8 @@ class Selected:
 
     def targets(self, ss: SeqSet, by_uid: bool) -> list[tuple[int, int]]:
         """[(seq, uid)] addressed by a sequence set."""
+        if ss.saved:
+            return [(s, u) for u in self.saved if (s := self.seq_of(u))]
         out: dict[int, int] = {}
         n = len(self.uids)
         if not n:
@@ -107,6 +111,43 @@ def _set(uids: list[int]) -> bytes:
         out.append(b"%d" % uids[i] if i == j else b"%d:%d" % (uids[i], uids[j]))
         i = j + 1
     return b",".join(out)
+
+
+class _UidSet:
+    """"$" inside a SEARCH program: membership by UID (sequence numbers map to the same messages)."""
+
+    def __init__(self, uids: list[int]):
+        self.uids = frozenset(uids)
+
+    def contains(self, n: int, largest: int) -> bool:
+        return n in self.uids
+
+
+def _with_saved(key, saved: list[int]):
+    """The SEARCH program with every "$" replaced by the saved messages' UIDs."""
+    op = key[0]
+    if op in ("SEQ", "UID") and key[1].saved:
+        return ("UID", _UidSet(saved))
+    if op == "AND":
+        return ("AND", [_with_saved(k, saved) for k in key[1]])
+    if op in ("OR", "NOT"):
+        return (op,) + tuple(_with_saved(k, saved) for k in key[1:])
+    return key
+
+
+_RETURN_OPTS = (b"MIN", b"MAX", b"ALL", b"COUNT", b"SAVE")
+
+
+def _return_options(tok) -> set[bytes]:
+    """SEARCH RETURN (...) options (RFC 4731, SAVE from RFC 5182); () means ALL."""
+    if not isinstance(tok, list):
+        raise Bad(b"RETURN needs a list of options")
+    opts = set()
+    for t in tok:
+        if not isinstance(t, Atom) or t.upper() not in _RETURN_OPTS:
+            raise Bad(b"Unknown SEARCH RETURN option")
+        opts.add(bytes(t.upper()))
+    return opts or {b"ALL"}
 
 
 def _match(pattern: str, name: str) -> bool:
@@ -457,14 +498,55 @@ class Commands:
     async def c_search(self, tag, args, uid=False):
         sel = self.sel
         toks = list(args)
+        ret = None
         if toks and isinstance(toks[0], Atom) and toks[0].upper() == b"RETURN":
-            raise Bad(b"ESEARCH is not supported")
+            ret = _return_options(toks[1] if len(toks) > 1 else None)
+            toks = toks[2:]
+        try:
+            found, with_modseq = await self._search(toks, uid)
+        except (No, Bad, ParseError):
+            if ret is not None and b"SAVE" in ret:
+                sel.saved = []  # RFC 5182: a failed SEARCH ... SAVE leaves "$" empty
+            raise
+        if ret is None:
+            nums = [u if uid else s for s, u, _ in found]
+            line = b"* SEARCH" + b"".join(b" %d" % n for n in nums)
+            if found and with_modseq:
+                line += b" (MODSEQ %d)" % max(m for _, _, m in found)
+            self.send(line)
+            return b"SEARCH completed"
+        # ESEARCH (RFC 4731): MIN and MAX alone return (and SAVE) only those two messages
+        picked = found if ret & {b"ALL", b"COUNT"} or not ret & {b"MIN", b"MAX"} else \
+            (found[:1] if b"MIN" in ret else []) + (found[-1:] if b"MAX" in ret else [])
+        if b"SAVE" in ret:
+            sel.saved = sorted({u for _, u, _ in picked})
+        if ret == {b"SAVE"}:
+            return b"SEARCH completed"
+        nums = [u if uid else s for s, u, _ in found]
+        line = b'* ESEARCH (TAG "' + tag + b'")' + (b" UID" if uid else b"")
+        if nums and b"MIN" in ret:
+            line += b" MIN %d" % nums[0]
+        if nums and b"MAX" in ret:
+            line += b" MAX %d" % nums[-1]
+        if nums and b"ALL" in ret:
+            line += b" ALL " + _set(nums)
+        if b"COUNT" in ret:
+            line += b" COUNT %d" % len(nums)
+        if picked and with_modseq:
+            line += b" MODSEQ %d" % max(m for _, _, m in picked)
+        self.send(line)
+        return b"SEARCH completed"
+
+    async def _search(self, toks: list, uid: bool) -> tuple[list[tuple[int, int, int]], bool]:
+        """[(seq, uid, modseq)] of the messages a SEARCH program matches, in order, and whether
+        the program tests MODSEQ."""
+        sel = self.sel
         if len(toks) >= 2 and isinstance(toks[0], Atom) and toks[0].upper() == b"CHARSET":
             cs = astring(toks[1]).upper()
             if cs not in (b"UTF-8", b"US-ASCII"):
                 raise No(b"[BADCHARSET (UTF-8 US-ASCII)] Unsupported charset")
             toks = toks[2:]
-        key = search_keys(toks)
+        key = _with_saved(search_keys(toks), sel.saved)
         await self.refresh(allow_expunge=uid)
         rows = await self.ctx.store.read(mailboxes.message_rows_sync, sel.folder_id, None)
         by_uid = {r.uid: r for r in rows}
@@ -478,12 +560,7 @@ class Commands:
             if content:
                 blobs = await self.ctx.store.read(mailboxes.blob_bytes_sync, list({r.blob for _, r in chunk}))
             found += await asyncio.to_thread(search_chunk, key, chunk, blobs, max_seq, max_uid)
-        nums = [u if uid else s for s, u, _ in found]
-        line = b"* SEARCH" + b"".join(b" %d" % n for n in nums)
-        if found and "MODSEQ" in repr(key):
-            line += b" (MODSEQ %d)" % max(m for _, _, m in found)
-        self.send(line)
-        return b"SEARCH completed"
+        return found, "MODSEQ" in repr(key)
 
     async def c_copy(self, tag, args, uid=False, move=False):
         sel = self.sel

@@ -171,7 +171,7 @@ MAX_UID = 2**32 - 1
 @dataclass
 class SeqSet:
     ranges: list  # (lo, hi), None meaning "*"
-    saved: bool = False  # "$" (SEARCHRES) is not offered
+    saved: bool = False  # "$": the messages the last SEARCH ... RETURN (SAVE) found (RFC 5182)
 
     def resolve(self, largest: int) -> list[tuple[int, int]]:
         out = []
@@ -190,6 +190,8 @@ class SeqSet:
 def seqset(tok) -> SeqSet:
     if not isinstance(tok, Atom) or not tok or len(tok) > 100_000:
         raise ParseError("sequence set expected")
+    if tok == b"$":
+        return SeqSet([], saved=True)
     ranges = []
     for part in bytes(tok).split(b","):
         if part.count(b":") > 1:
