@@ -1,5 +1,6 @@
-"""IMAP extensions over real sockets with imaplib: ESEARCH (RFC 4731) and SEARCHRES (RFC 5182),
-including their error cases."""
+"""IMAP extensions over real sockets with imaplib, each with its error cases: ESEARCH (RFC 4731),
+SEARCHRES (RFC 5182), LIST-EXTENDED (RFC 5258) with LIST-STATUS (RFC 5819) and the SPECIAL-USE
+options (RFC 6154)."""
 from __future__ import annotations
 
 import imaplib
@@ -7,7 +8,7 @@ import re
 
 import pytest
 
-from tests.test_imap import login, new_mailbox
+from tests.test_imap import PASSWORD, Raw, login, new_mailbox
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def fill(m: imaplib.IMAP4, n: int) -> None:
 
 def test_esearch_return_options(server, addr):
     m = login(server, addr)
-    assert {"ESEARCH", "SEARCHRES"} <= set(m.capability()[1][0].decode().split())
+    assert {"ESEARCH", "SEARCHRES", "LIST-EXTENDED", "LIST-STATUS"} <= set(m.capability()[1][0].decode().split())
     fill(m, 5)
     m.select("INBOX")
     typ, _ = cmd(m, "SEARCH", "RETURN", "(MIN MAX COUNT)", "UNSEEN")
@@ -104,4 +105,65 @@ def test_searchres_saves_and_reuses(server, addr):
     assert m.search(None, "$")[1] == [b""]
     m.select("Kept")
     assert m.search(None, "ALL")[1] == [b"1 2 3"]
+    m.logout()
+
+
+def test_list_extended_and_list_status(server, addr):
+    m = login(server, addr)
+    for name in ("Work", "Work/Alpha", "Work/Beta", "Work/Beta/Deep"):
+        assert m.create(name)[0] == "OK"
+    for name in ("Work", "Work/Beta"):
+        assert m.unsubscribe(name)[0] == "OK"
+    m.append("Work/Alpha", None, None, b"Subject: a\r\n\r\nx\r\n")
+    m.append("Work/Alpha", r"(\Seen)", None, b"Subject: b\r\n\r\nx\r\n")
+
+    def listing(*args: str) -> list[bytes]:
+        typ, _ = cmd(m, "LIST", *args)
+        assert typ == "OK"
+        return untagged(m, "LIST")
+
+    # several patterns, each name once; INBOX in any case
+    assert listing('""', '("inbox" "Work/%" "Work/*")') == [
+        b'(\\HasNoChildren) "/" "INBOX"', b'(\\HasNoChildren) "/" "Work/Alpha"',
+        b'(\\HasChildren) "/" "Work/Beta"', b'(\\HasNoChildren) "/" "Work/Beta/Deep"']
+    # SUBSCRIBED selection: \Subscribed shown, unsubscribed left out
+    lines = listing("(SUBSCRIBED)", '""', '"Work*"')
+    assert lines == [b'(\\HasNoChildren \\Subscribed) "/" "Work/Alpha"',
+                     b'(\\HasNoChildren \\Subscribed) "/" "Work/Beta/Deep"']
+    # RECURSIVEMATCH: unsubscribed parents of subscribed mailboxes, with CHILDINFO
+    lines = listing("(SUBSCRIBED RECURSIVEMATCH)", '""', '"Work/%"')
+    assert lines == [b'(\\HasNoChildren \\Subscribed) "/" "Work/Alpha"',
+                     b'(\\HasChildren) "/" "Work/Beta" ("CHILDINFO" ("SUBSCRIBED"))']
+    # RETURN (SUBSCRIBED CHILDREN) on a plain LIST
+    lines = listing('""', '"Work"', "RETURN", "(SUBSCRIBED CHILDREN)")
+    assert lines == [b'(\\HasChildren) "/" "Work"']
+    # SPECIAL-USE as selection and return option
+    lines = listing("(SPECIAL-USE)", '""', '"*"', "RETURN", "(SPECIAL-USE)")
+    assert sorted(lines) == sorted(b'(\\HasNoChildren \\%s) "/" "%s"' % (u, n) for n, u in (
+        (b"Sent", b"Sent"), (b"Drafts", b"Drafts"), (b"Trash", b"Trash"), (b"Junk", b"Junk"),
+        (b"Archive", b"Archive")))
+    # LIST-STATUS: a STATUS right after each listed mailbox's LIST
+    typ, _ = cmd(m, "LIST", '""', '"Work/A%"', "RETURN", "(STATUS (MESSAGES UNSEEN UIDNEXT))")
+    assert typ == "OK"
+    assert untagged(m, "LIST") == [b'(\\HasNoChildren) "/" "Work/Alpha"']
+    assert untagged(m, "STATUS") == [b'"Work/Alpha" (MESSAGES 2 UNSEEN 1 UIDNEXT 3)']
+    raw = Raw(server.ports["imap"])  # the order on the wire: each STATUS follows its LIST
+    assert raw.cmd(b"a", b'LOGIN "%s" "%s"' % (addr.encode(), PASSWORD.encode()))[-1].startswith(b"a OK")
+    out = raw.cmd(b"b", b'LIST "" "Work/*" RETURN (STATUS (MESSAGES))')
+    assert [x.split(b" ")[1] + b" " + x.rstrip().split(b'"')[-2] for x in out[:-1]] == [
+        b"LIST Work/Alpha", b"STATUS Work/Alpha", b"LIST Work/Beta", b"STATUS Work/Beta",
+        b"LIST Work/Beta/Deep", b"STATUS Work/Beta/Deep"]
+    raw.close()
+    m.select("INBOX")  # also in the selected state
+    typ, _ = cmd(m, "LIST", "(SUBSCRIBED)", '""', '"INBOX"', "RETURN", "(STATUS (MESSAGES) CHILDREN)")
+    assert typ == "OK" and untagged(m, "STATUS") == [b'"INBOX" (MESSAGES 0)']
+    assert untagged(m, "LIST") == [b'(\\HasNoChildren \\Subscribed) "/" "INBOX"']
+    # errors
+    for bad in (("(RECURSIVEMATCH)", '""', '"*"'), ("(REMOTE RECURSIVEMATCH)", '""', '"*"'),
+                ("(NOSUCH)", '""', '"*"'), ('""', '"*"', "RETURN", "(NOSUCH)"),
+                ('""', '"*"', "RETURN", "(STATUS (BOGUS))"), ('""', '"*"', "RETURN", "(STATUS)"),
+                ('""', '"*"', "RETURN", "SUBSCRIBED"), ('""', "()"), ("(SUBSCRIBED)", '""')):
+        assert cmd(m, "LIST", *bad)[0] == "BAD", bad
+    assert listing("(REMOTE)", '""', '"Work"') == [b'(\\HasChildren) "/" "Work"']
+    assert listing('""', '""') == [b'(\\Noselect) "/" ""']
     m.logout()

@@ -144,7 +144,8 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
                 caps.append(b"LOGINDISABLED")
         else:
             caps += [b"NAMESPACE", b"UIDPLUS", b"MOVE", b"SPECIAL-USE", b"UNSELECT", b"CHILDREN",
-                     b"CONDSTORE", b"QUOTA", b"APPENDLIMIT=%d" % APPENDLIMIT, b"ESEARCH", b"SEARCHRES"]
+                     b"CONDSTORE", b"QUOTA", b"APPENDLIMIT=%d" % APPENDLIMIT, b"ESEARCH", b"SEARCHRES",
+                     b"LIST-EXTENDED", b"LIST-STATUS"]
         return b" ".join(caps)
 
     # -- framing ---------------------------------------------------------------------------------

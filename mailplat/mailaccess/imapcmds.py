@@ -2,8 +2,8 @@
 APPEND, CLOSE/UNSELECT, and keeping a session's view (sequence numbers) in step with the store.
 
 Owns the protocol side of every mailbox command (arguments, responses, UIDPLUS/MOVE/CONDSTORE
-response codes, ESEARCH answers and the SEARCHRES "$" kept per selected mailbox); core.mailboxes
-decides and stores.  Store calls run in the store's threads;
+response codes, ESEARCH answers and the SEARCHRES "$" kept per selected mailbox, LIST-EXTENDED
+selection and return options with LIST-STATUS); core.mailboxes decides and stores.  Store calls run in the store's threads;
 MIME parsing and SEARCH over bodies run in a worker thread, in chunks, so the reactor stays
 responsive and memory stays bounded.  Mixed into imap.IMAPServer.
 """
@@ -155,6 +155,73 @@ def _match(pattern: str, name: str) -> bool:
     return re.fullmatch(rx, name, re.S) is not None
 
 
+def _list_match(pattern: str, name: str) -> bool:
+    """LIST pattern matching, with INBOX (and what lies under it) matched in any case."""
+    if (name == "INBOX" or name.startswith("INBOX/")) and pattern[:5].upper() == "INBOX":
+        pattern = "INBOX" + pattern[5:]
+    return _match(pattern, name)
+
+
+_LIST_SELECT = (b"SUBSCRIBED", b"REMOTE", b"RECURSIVEMATCH", b"SPECIAL-USE")
+_LIST_RETURN = (b"SUBSCRIBED", b"CHILDREN", b"SPECIAL-USE")
+
+
+def _options(tok, known: tuple[bytes, ...]) -> set[bytes]:
+    if not isinstance(tok, list) or not all(isinstance(t, Atom) and t.upper() in known for t in tok):
+        raise Bad(b"Unknown LIST option")
+    return {bytes(t.upper()) for t in tok}
+
+
+def _list_return(tok) -> tuple[set[bytes], list[bytes] | None]:
+    """LIST ... RETURN (...) (RFC 5258; STATUS from RFC 5819, SPECIAL-USE from RFC 6154):
+    the options and the STATUS items asked for (None when STATUS is not)."""
+    if not isinstance(tok, list):
+        raise Bad(b"RETURN needs a list of options")
+    plain, status_keys = [], None
+    i = 0
+    while i < len(tok):
+        t = tok[i]
+        if isinstance(t, Atom) and t.upper() == b"STATUS":
+            if i + 1 >= len(tok) or status_keys is not None:
+                raise Bad(b"RETURN STATUS needs one list of items")
+            status_keys = _status_keys(tok[i + 1])
+            i += 2
+            continue
+        plain.append(t)
+        i += 1
+    return _options(plain, _LIST_RETURN), status_keys
+
+
+_STATUS_ITEMS = (b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN", b"HIGHESTMODSEQ", b"SIZE")
+
+
+def _status_keys(tok) -> list[bytes]:
+    if not isinstance(tok, list) or not tok:
+        raise Bad(b"STATUS needs a list of items")
+    if not all(isinstance(t, Atom) and t.upper() in _STATUS_ITEMS for t in tok):
+        raise Bad(b"Unknown STATUS item")
+    return [bytes(t.upper()) for t in tok]
+
+
+def _status_line(name: str, status, keys: list[bytes]) -> bytes:
+    info, count, unseen, size = status
+    values = {b"MESSAGES": count, b"RECENT": 0, b"UIDNEXT": info.uidnext, b"UIDVALIDITY": info.uidvalidity,
+              b"UNSEEN": unseen, b"HIGHESTMODSEQ": info.highestmodseq, b"SIZE": size}
+    return (b"* STATUS " + mime.string(mutf7_encode(name)) + b" ("
+            + b" ".join(k + b" %d" % values[k] for k in keys) + b")")
+
+
+def _statuses_sync(mbid: int, names: list[str]) -> dict:
+    """STATUS of several folders in one store read; folders gone meanwhile are left out."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = mailboxes.status_sync(mbid, name)
+        except NotFound:
+            pass
+    return out
+
+
 class Commands:
     """Mailbox commands, mixed into IMAPServer (which provides send(), ctx, state, ...)."""
 
@@ -243,38 +310,61 @@ class Commands:
 
     async def c_list(self, tag, args, lsub=False):
         word = b"LSUB" if lsub else b"LIST"
-        only_special = subscribed_only = False
-        if args and isinstance(args[0], list):  # RFC 6154/5258 selection options
-            opts = {bytes(a).upper() for a in args[0] if isinstance(a, Atom)}
-            only_special = b"SPECIAL-USE" in opts
-            subscribed_only = b"SUBSCRIBED" in opts
+        select: set[bytes] = set()
+        ret: set[bytes] = set()
+        status_keys = None
+        if not lsub and args and isinstance(args[0], list):  # RFC 5258 selection options
+            select = _options(args[0], _LIST_SELECT)
+            if b"RECURSIVEMATCH" in select and not select - {b"RECURSIVEMATCH", b"REMOTE"}:
+                raise Bad(b"RECURSIVEMATCH needs another selection option")
             args = args[1:]
-        if len(args) >= 4 and isinstance(args[2], Atom) and args[2].upper() == b"RETURN":
+        if not lsub and len(args) == 4 and isinstance(args[2], Atom) and args[2].upper() == b"RETURN":
+            ret, status_keys = _list_return(args[3])
             args = args[:2]
         if len(args) != 2:
             raise Bad(b"LIST needs a reference and a pattern")
-        ref, pat = astring(args[0]), astring(args[1])
-        try:
-            pattern = mutf7_decode(ref + pat) if ref + pat else ""
-        except ParseError as exc:
-            raise No(b"[CANNOT] " + str(exc).encode()) from None
-        if not pat:
+        ref = astring(args[0])
+        pats = [astring(p) for p in args[1]] if isinstance(args[1], list) and not lsub else [astring(args[1])]
+        if not pats:
+            raise Bad(b"LIST needs a pattern")
+        if pats == [b""]:
             self.send(b'* ' + word + b' (\\Noselect) "/" ""')
             return word + b" completed"
+        try:
+            patterns = [mutf7_decode(ref + p) for p in pats]
+        except ParseError as exc:
+            raise No(b"[CANNOT] " + str(exc).encode()) from None
+        subscribed_only = lsub or b"SUBSCRIBED" in select
+        show_subscribed = not lsub and (b"SUBSCRIBED" in select or b"SUBSCRIBED" in ret)
         folders = await self.ctx.store.read(mailboxes.list_folders_sync, self.mbid)
+        subscribed = [f.name for f in folders if f.subscribed]
+        listed = []
         for f in folders:
-            match_name = f.name
-            if pattern.upper().startswith("INBOX") and f.name == "INBOX":
-                match_name = "INBOX"
-                pattern = "INBOX" + pattern[5:]
-            if not _match(pattern, match_name) or ((lsub or subscribed_only) and not f.subscribed):
+            if not any(_list_match(p, f.name) for p in patterns):
                 continue
-            if only_special and not f.special_use:
+            # RFC 5258 RECURSIVEMATCH: a parent with subscribed descendants, whatever their names
+            childinfo = (b"RECURSIVEMATCH" in select and b"SUBSCRIBED" in select
+                         and any(n.startswith(f.name + "/") for n in subscribed))
+            if subscribed_only and not f.subscribed and not childinfo:
+                continue
+            if b"SPECIAL-USE" in select and not f.special_use:
                 continue
             attrs = [b"\\HasChildren" if f.has_children else b"\\HasNoChildren"]
             if f.special_use:
                 attrs.append(f.special_use.encode())
-            self.send(b"* " + word + b" (" + b" ".join(attrs) + b') "/" ' + mime.string(mutf7_encode(f.name)))
+            if show_subscribed and f.subscribed:
+                attrs.append(b"\\Subscribed")
+            line = b"* " + word + b" (" + b" ".join(attrs) + b') "/" ' + mime.string(mutf7_encode(f.name))
+            if childinfo:
+                line += b' ("CHILDINFO" ("SUBSCRIBED"))'
+            listed.append((f.name, line))
+        statuses = {}
+        if status_keys is not None and listed:  # RFC 5819: each mailbox's STATUS after its LIST
+            statuses = await self.ctx.store.read(_statuses_sync, self.mbid, [n for n, _ in listed])
+        for name, line in listed:
+            self.send(line)
+            if name in statuses:
+                self.send(_status_line(name, statuses[name], status_keys))
         return word + b" completed"
 
     async def c_lsub(self, tag, args):
@@ -284,19 +374,12 @@ class Commands:
         if len(args) != 2 or not isinstance(args[1], list):
             raise Bad(b"STATUS needs a mailbox and a list of items")
         name = folder_arg(args[0])
+        keys = _status_keys(args[1])
         try:
-            info, count, unseen, size = await self.ctx.store.read(mailboxes.status_sync, self.mbid, name)
+            status = await self.ctx.store.read(mailboxes.status_sync, self.mbid, name)
         except NotFound:
             raise No(b"[NONEXISTENT] No such mailbox") from None
-        values = {b"MESSAGES": count, b"RECENT": 0, b"UIDNEXT": info.uidnext, b"UIDVALIDITY": info.uidvalidity,
-                  b"UNSEEN": unseen, b"HIGHESTMODSEQ": info.highestmodseq, b"SIZE": size}
-        out = []
-        for item in args[1]:
-            key = bytes(item).upper() if isinstance(item, Atom) else b""
-            if key not in values:
-                raise Bad(b"Unknown STATUS item")
-            out.append(key + b" %d" % values[key])
-        self.send(b"* STATUS " + mime.string(mutf7_encode(name)) + b" (" + b" ".join(out) + b")")
+        self.send(_status_line(name, status, keys))
         return b"STATUS completed"
 
     # -- selection -------------------------------------------------------------------------------
