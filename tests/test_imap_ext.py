@@ -1,6 +1,6 @@
 """IMAP extensions over real sockets with imaplib, each with its error cases: ESEARCH (RFC 4731),
 SEARCHRES (RFC 5182), LIST-EXTENDED (RFC 5258) with LIST-STATUS (RFC 5819) and the SPECIAL-USE
-options (RFC 6154)."""
+options (RFC 6154), MULTIAPPEND (RFC 3502, all or nothing)."""
 from __future__ import annotations
 
 import imaplib
@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from tests.support import init_data_dir, serve
 from tests.test_imap import PASSWORD, Raw, login, new_mailbox
 
 
@@ -167,3 +168,86 @@ def test_list_extended_and_list_status(server, addr):
     assert listing("(REMOTE)", '""', '"Work"') == [b'(\\HasChildren) "/" "Work"']
     assert listing('""', '""') == [b'(\\Noselect) "/" ""']
     m.logout()
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A server whose new mailboxes hold 3000 bytes."""
+    data_dir = tmp_path_factory.mktemp("small")
+    key = init_data_dir(data_dir, sets=["mailaccess.quota_bytes=3000"])
+    srv = serve(data_dir, key, ["api", "mailaccess"])
+    yield srv
+    srv.stop()
+
+
+def raw_login(server, addr) -> Raw:
+    raw = Raw(server.ports["imap"])
+    assert raw.cmd(b"a", b'LOGIN "%s" "%s"' % (addr.encode(), PASSWORD.encode()))[-1].startswith(b"a OK")
+    return raw
+
+
+def msg(n: int, size: int = 0) -> bytes:
+    return b"Subject: multi %d\r\n\r\n" % n + b"x" * size + b"body\r\n"
+
+
+def count(m: imaplib.IMAP4, folder: str) -> int:
+    typ, data = m.status(folder, "(MESSAGES)")
+    return int(re.search(rb"MESSAGES (\d+)", data[0]).group(1))
+
+
+def test_multiappend_all_or_nothing(server, addr, small):
+    raw = raw_login(server, addr)
+    one, two, three = msg(1), msg(2), msg(3)
+    out = raw.cmd(b"b", b'APPEND INBOX (\\Seen) {%d+}\r\n%s {%d+}\r\n%s (\\Flagged $Work) '
+                  b'"05-Mar-2021 10:00:00 +0100" {%d+}\r\n%s' % (len(one), one, len(two), two, len(three), three))
+    validity, uids = re.match(rb"b OK \[APPENDUID (\d+) ([\d:,]+)\]", out[-1]).groups()
+    assert uids == b"1:3"
+    # synchronising literals: a continuation for each message
+    raw.send(b"c APPEND INBOX {%d}\r\n" % len(one))
+    assert raw.line().startswith(b"+ ")
+    raw.send(one + b" {%d}\r\n" % len(two))
+    assert raw.line().startswith(b"+ ")
+    raw.send(two + b"\r\n")
+    assert raw.until(b"c")[-1].startswith(b"c OK [APPENDUID %s 4:5]" % validity)
+    m = login(server, addr)
+    m.select("INBOX")
+    typ, data = m.fetch("1:5", "(FLAGS INTERNALDATE BODY.PEEK[])")
+    heads = [d[0] for d in data if isinstance(d, tuple)]
+    assert [d[1] for d in data if isinstance(d, tuple)] == [one, two, three, one, two]
+    assert b"\\Seen" in heads[0] and b"\\Seen" not in heads[1]
+    assert b"\\Flagged $Work" in heads[2] and b'"05-Mar-2021 09:00:00 +0000"' in heads[2]
+
+    # failures store nothing: an empty message, a bad flag, a dangling flag list, a bad date
+    for tag, line in ((b"d", b"APPEND INBOX {%d+}\r\n%s {0+}\r\n" % (len(one), one)),
+                      (b"e", b"APPEND INBOX {%d+}\r\n%s (\\Bogus) {%d+}\r\n%s" % (len(one), one, len(two), two)),
+                      (b"f", b"APPEND INBOX {%d+}\r\n%s (\\Seen)" % (len(one), one)),
+                      (b"g", b"APPEND INBOX {%d+}\r\n%s \"99-Foo-2021 10:00:00 +0100\" {%d+}\r\n%s"
+                       % (len(one), one, len(two), two)),
+                      (b"h", b"APPEND INBOX (\\Seen) (\\Seen) {%d+}\r\n%s" % (len(one), one))):
+        answer = raw.cmd(tag, line)[-1]
+        assert answer.startswith((tag + b" NO", tag + b" BAD")), answer
+    assert raw.cmd(b"i", b"APPEND Nowhere {%d+}\r\n%s {%d+}\r\n%s" % (len(one), one, len(two), two))[-1] \
+        .startswith(b"i NO [TRYCREATE]")
+    assert count(m, "INBOX") == 5
+    # a message over APPENDLIMIT is refused at its announcement, before any data
+    raw.send(b"j APPEND INBOX {%d}\r\n%s {30000000}\r\n" % (len(one), one))
+    assert raw.line().startswith(b"+ ")
+    assert raw.line().startswith(b"j NO [TOOBIG]")
+    assert raw.cmd(b"k", b"NOOP")[-1].startswith(b"k OK")
+    raw.close()
+    m.logout()
+
+    # over quota in the middle: none of them is filed
+    small_addr = new_mailbox(small)
+    raw = raw_login(small, small_addr)
+    big = msg(4, 1200)
+    assert raw.cmd(b"b", b"APPEND INBOX {%d+}\r\n%s {%d+}\r\n%s" % (len(big), big, len(big), big))[-1] \
+        .startswith(b"b OK [APPENDUID")
+    answer = raw.cmd(b"c", b"APPEND Sent {%d+}\r\n%s {%d+}\r\n%s" % (len(one), one, len(big), big))[-1]
+    assert answer.startswith(b"c NO [OVERQUOTA]"), answer
+    m = login(small, small_addr)
+    assert count(m, "Sent") == 0 and count(m, "INBOX") == 2
+    typ, data = m.getquotaroot("INBOX")
+    assert int(re.search(rb"STORAGE (\d+)", data[1][0]).group(1)) == (2 * len(big) + 1023) // 1024
+    m.logout()
+    raw.close()

@@ -513,18 +513,16 @@ def _charge(mbid: int, size: int, enforce: bool = True) -> None:
     Mailbox.update(size_bytes=Mailbox.size_bytes + size).where(Mailbox.id == mbid).execute()
 
 
-def append_sync(mbid: int, name: str, data: bytes | None, flags: list[str], date: float,
-                sha: str | None = None, size: int | None = None) -> tuple[int, int, int]:
-    """File a message; returns (folder id, uidvalidity, uid)."""
+def append_sync(mbid: int, name: str, messages: list[tuple[bytes, list[str], float]]) -> tuple[int, int, list[int]]:
+    """File messages (data, flags, internal date) into a folder, all or none (IMAP APPEND and
+    MULTIAPPEND); returns (folder id, uidvalidity, their UIDs)."""
     f = _folder(mbid, name)
-    if sha is None:
-        sha = put_blob_sync(data)
-        size = len(data)
-    _charge(mbid, size)
-    uid, modseq = _bump(f, 1)
-    MailMessage.create(folder=f.id, uid=uid, blob=sha, size=size, internal_date=date,
-                       flags=" ".join(flags), modseq=modseq)
-    return f.id, f.uidvalidity, uid
+    _charge(mbid, sum(len(data) for data, _, _ in messages))
+    first, modseq = _bump(f, len(messages))
+    for uid, (data, flags, date) in enumerate(messages, first):
+        MailMessage.create(folder=f.id, uid=uid, blob=put_blob_sync(data), size=len(data), internal_date=date,
+                           flags=" ".join(flags), modseq=modseq)
+    return f.id, f.uidvalidity, list(range(first, first + len(messages)))
 
 
 class InboxBatch:

@@ -1,8 +1,8 @@
 """The IMAP4rev1 server protocol (Twisted, on the asyncio reactor): framing, states, login.
 
 Owns: reading commands safely (lines capped at 64 KB; literals checked before any `+` is sent:
-negative, non-numeric or oversized sizes are refused at once, APPEND over APPENDLIMIT gets
-`NO [TOOBIG]`, LITERAL+ honoured, literal bytes spooled with a cap; nesting capped by the
+negative, non-numeric or oversized sizes are refused at once, APPEND over APPENDLIMIT (or a
+MULTIAPPEND over MULTIAPPEND_LIMIT in all) gets `NO [TOOBIG]`, LITERAL+ honoured, literal bytes spooled with a cap; nesting capped by the
 tokenizer), one command at a time per session (reading pauses while a command runs, which is
 also the back-pressure), STARTTLS with buffered plaintext dropped, LOGINDISABLED before TLS
 (loopback excepted in dev mode), LOGIN and AUTHENTICATE PLAIN through realm.login, and the
@@ -37,6 +37,7 @@ from .imapparse import Atom, ParseError, astring, tokenize
 log = logs.get("mailplat.imap")
 
 APPENDLIMIT = 26_214_400
+MULTIAPPEND_LIMIT = 2 * APPENDLIMIT  # all the messages of one APPEND, read into memory at once
 PREAUTH_LIMIT = 8 * 1024
 COMMAND_LIMIT = 1024 * 1024
 MAX_ERRORS = 20
@@ -145,7 +146,7 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
         else:
             caps += [b"NAMESPACE", b"UIDPLUS", b"MOVE", b"SPECIAL-USE", b"UNSELECT", b"CHILDREN",
                      b"CONDSTORE", b"QUOTA", b"APPENDLIMIT=%d" % APPENDLIMIT, b"ESEARCH", b"SEARCHRES",
-                     b"LIST-EXTENDED", b"LIST-STATUS"]
+                     b"LIST-EXTENDED", b"LIST-STATUS", b"MULTIAPPEND"]
         return b" ".join(caps)
 
     # -- framing ---------------------------------------------------------------------------------
@@ -201,11 +202,13 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
         size = int(digits)
         is_append = cmd.name == b"APPEND" and self.state != "unauth"
         limit = (PREAUTH_LIMIT if self.state == "unauth" else
-                 APPENDLIMIT + 64 * 1024 if is_append else COMMAND_LIMIT)
-        if cmd.size + size > limit or len(cmd.segments) >= MAX_SEGMENTS:
+                 MULTIAPPEND_LIMIT if is_append else COMMAND_LIMIT)
+        too_big = is_append and (size > APPENDLIMIT or cmd.size + size > limit)
+        if too_big or cmd.size + size > limit or len(cmd.segments) >= MAX_SEGMENTS:
             self._cmd = None
-            if is_append and size > APPENDLIMIT:
-                self.send(cmd.tag + b" NO [TOOBIG] Message too large (APPENDLIMIT=%d)" % APPENDLIMIT)
+            if too_big:
+                self.send(cmd.tag + b" NO [TOOBIG] Message too large (APPENDLIMIT=%d, %d in all)"
+                          % (APPENDLIMIT, MULTIAPPEND_LIMIT))
             else:
                 self._bad(cmd.tag, b"Literal too large")
             if plus:

@@ -680,39 +680,39 @@ class Commands:
         return await self.c_copy(tag, args, uid=uid, move=True)
 
     async def c_append(self, tag, args):
+        """APPEND, and MULTIAPPEND (RFC 3502): several [flags] [date] message groups, all filed or none."""
         if len(args) < 2:
             raise Bad(b"APPEND needs a mailbox and a message")
         name = folder_arg(args[0])
-        msg = args[-1]
-        if hasattr(msg, "read"):
-            data = msg.read()
-        elif isinstance(msg, Literal):
-            data = bytes(msg)
-        else:
-            raise Bad(b"APPEND needs the message as a literal")
-        flags, date = [], time.time()
-        for extra in args[1:-1]:
-            if isinstance(extra, list):
+        messages = []
+        flags = date = None
+        for tok in args[1:]:
+            if hasattr(tok, "read") or isinstance(tok, Literal):
+                data = tok.read() if hasattr(tok, "read") else bytes(tok)
+                if not data:
+                    raise No(b"Cannot save an empty message")
+                messages.append((data, flags or [], time.time() if date is None else date))
+                flags = date = None
+            elif isinstance(tok, list) and flags is None and date is None:
                 try:
-                    flags = mailboxes.clean_flags([bytes(f) for f in extra])
+                    flags = mailboxes.clean_flags([bytes(f) for f in tok])
                 except InputError as exc:
                     raise Bad(exc.message.encode()) from None
-            elif isinstance(extra, bytes):
-                date = _parse_idate(bytes(extra))
+            elif isinstance(tok, bytes) and date is None:
+                date = _parse_idate(bytes(tok))
             else:
                 raise Bad(b"Invalid APPEND argument")
-        if not data:
-            raise No(b"Cannot save an empty message")
+        if flags is not None or date is not None:
+            raise Bad(b"APPEND needs the message as a literal")
         try:
-            fid, validity, new_uid = await self.ctx.store.write(
-                mailboxes.append_sync, self.mbid, name, data, flags, date)
+            fid, validity, uids = await self.ctx.store.write(mailboxes.append_sync, self.mbid, name, messages)
         except NotFound:
             raise No(b"[TRYCREATE] No such mailbox") from None
         except mailboxes.OverQuota:
             raise No(b"[OVERQUOTA] Mailbox is over its quota") from None
         mailboxes.changed(fid)
         await self.refresh()
-        return b"[APPENDUID %d %d] APPEND completed" % (validity, new_uid)
+        return b"[APPENDUID %d %s] APPEND completed" % (validity, _set(uids))
 
     # -- QUOTA (RFC 2087/9208): one root "" per mailbox, STORAGE in KiB -------------------------
     async def _send_quota(self) -> None:
