@@ -1,6 +1,6 @@
 """IMAP extensions over real sockets with imaplib, each with its error cases: ESEARCH (RFC 4731),
 SEARCHRES (RFC 5182), LIST-EXTENDED (RFC 5258) with LIST-STATUS (RFC 5819) and the SPECIAL-USE
-options (RFC 6154), MULTIAPPEND (RFC 3502, all or nothing)."""
+options (RFC 6154), MULTIAPPEND (RFC 3502, all or nothing), RENAME INBOX (RFC 3501 6.3.5)."""
 from __future__ import annotations
 
 import imaplib
@@ -251,3 +251,38 @@ def test_multiappend_all_or_nothing(server, addr, small):
     assert int(re.search(rb"STORAGE (\d+)", data[1][0]).group(1)) == (2 * len(big) + 1023) // 1024
     m.logout()
     raw.close()
+
+
+def test_rename_inbox_moves_its_messages(server, addr):
+    m = login(server, addr)
+    for i in range(2):
+        m.append("INBOX", r"(\Flagged)" if i else None, None, msg(i))
+    assert m.create("INBOX/Sub")[0] == "OK"
+    m.append("INBOX/Sub", None, None, msg(9))
+    watcher = login(server, addr)
+    watcher.select("INBOX")
+    typ, data = m.rename("INBOX", "Old/Mail")
+    assert typ == "OK", data
+    # the messages moved, flags and bytes kept; INBOX stays, empty; INBOX/Sub is not renamed
+    m.select("Old/Mail")
+    typ, data = m.fetch("1:*", "(UID FLAGS BODY.PEEK[])")
+    assert [d[1] for d in data if isinstance(d, tuple)] == [msg(0), msg(1)]
+    assert b"\\Flagged" in [d[0] for d in data if isinstance(d, tuple)][1]
+    assert count(m, "INBOX") == 0 and count(m, "INBOX/Sub") == 1
+    assert b'"Old"' in b"".join(m.list('""', "Old")[1])  # its parent was made
+    # a session with INBOX selected hears of the expunges
+    assert watcher.noop()[0] == "OK"
+    assert len(watcher.untagged_responses.pop("EXPUNGE", [])) == 2
+    # INBOX keeps its UIDVALIDITY and never reuses a UID
+    m.append("INBOX", None, None, msg(3))
+    watcher.noop()
+    assert watcher.uid("SEARCH", None, "ALL")[1] == [b"3"]
+    watcher.logout()
+    # errors: the target exists, renaming to INBOX, an invalid name
+    assert m.rename("INBOX", "Old/Mail")[0] == "NO"
+    assert m.rename("INBOX", "Sent")[0] == "NO"
+    assert m.rename("Old/Mail", "INBOX")[0] == "NO"
+    assert m.rename("Old/Mail", "inbox")[0] == "NO"
+    assert m.rename("INBOX", "a/../b")[0] == "NO"
+    assert count(m, "INBOX") == 1 and count(m, "Sent") == 0 and count(m, "Old/Mail") == 2
+    m.logout()

@@ -374,9 +374,14 @@ def delete_folder_sync(mbid: int, name: str) -> int:
     return f.id
 
 
-def rename_folder_sync(mbid: int, old: str, new: str) -> None:
-    if old == "INBOX" or new == "INBOX":
-        raise InputError("INBOX cannot be renamed, nor anything renamed to INBOX")
+def rename_folder_sync(mbid: int, old: str, new: str) -> int | None:
+    """Rename a folder and those under it.  INBOX is special (RFC 3501): its messages move to a
+    new folder `new` and INBOX stays, empty, its folders under it untouched; then the INBOX id
+    is returned, for sessions to hear of the expunges."""
+    if new == "INBOX":
+        raise InputError("Nothing can be renamed to INBOX")
+    if old == "INBOX":
+        return _rename_inbox_sync(mbid, new)
     f = _folder(mbid, old)
     if MailFolder.select().where((MailFolder.mailbox == mbid) & (MailFolder.name == new)).exists():
         raise Conflict("Mailbox already exists")
@@ -389,6 +394,19 @@ def rename_folder_sync(mbid: int, old: str, new: str) -> None:
     for k in kids:
         k.name = new + k.name[len(old):]
         k.save()
+    return None
+
+
+def _rename_inbox_sync(mbid: int, new: str) -> int:
+    inbox = _folder(mbid, "INBOX")
+    create_folder_sync(mbid, new)
+    dest = _folder(mbid, new)
+    # the messages keep their UIDs: the new folder has its own UIDVALIDITY and INBOX's UIDNEXT
+    MailFolder.update(uidnext=inbox.uidnext).where(MailFolder.id == dest.id).execute()
+    _, modseq = _bump(dest)
+    MailMessage.update(folder=dest.id, modseq=modseq).where(MailMessage.folder == inbox.id).execute()
+    _bump(inbox)
+    return inbox.id
 
 
 def subscribe_sync(mbid: int, name: str, on: bool) -> None:

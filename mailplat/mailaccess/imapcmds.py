@@ -296,7 +296,10 @@ class Commands:
     async def c_rename(self, tag, args):
         if len(args) != 2:
             raise Bad(b"RENAME needs two mailbox names")
-        await self._folder_write(mailboxes.rename_folder_sync, folder_arg(args[0]), folder_arg(args[1]))
+        emptied = await self._folder_write(mailboxes.rename_folder_sync, folder_arg(args[0]), folder_arg(args[1]))
+        if emptied is not None:  # RENAME INBOX moved its messages away
+            mailboxes.changed(emptied)
+            await self.refresh()
         return b"RENAME completed"
 
     async def c_subscribe(self, tag, args, on=True):
