@@ -1,8 +1,10 @@
 """IMAP extensions over real sockets with imaplib, each with its error cases: ESEARCH (RFC 4731),
 SEARCHRES (RFC 5182), LIST-EXTENDED (RFC 5258) with LIST-STATUS (RFC 5819) and the SPECIAL-USE
-options (RFC 6154), MULTIAPPEND (RFC 3502, all or nothing), RENAME INBOX (RFC 3501 6.3.5)."""
+options (RFC 6154), MULTIAPPEND (RFC 3502, all or nothing), RENAME INBOX (RFC 3501 6.3.5),
+AUTHENTICATE LOGIN beside PLAIN, with and without SASL-IR (RFC 4959)."""
 from __future__ import annotations
 
+import base64
 import imaplib
 import re
 
@@ -286,3 +288,37 @@ def test_rename_inbox_moves_its_messages(server, addr):
     assert m.rename("INBOX", "a/../b")[0] == "NO"
     assert count(m, "INBOX") == 1 and count(m, "Sent") == 0 and count(m, "Old/Mail") == 2
     m.logout()
+
+
+def test_authenticate_login_and_plain(server, addr):
+    m = imaplib.IMAP4("127.0.0.1", server.ports["imap"])
+    assert {"AUTH=PLAIN", "AUTH=LOGIN"} <= set(m.capabilities)
+    asked = []
+
+    def answer(challenge: bytes) -> str:
+        asked.append(challenge)
+        return {b"Username:": addr, b"Password:": PASSWORD}[challenge]
+
+    assert m.authenticate("LOGIN", answer)[0] == "OK"
+    assert asked == [b"Username:", b"Password:"] and m.select("INBOX")[0] == "OK"
+    m.logout()
+
+    def b64(text: str) -> bytes:
+        return base64.b64encode(text.encode())
+
+    raw = Raw(server.ports["imap"])
+    # SASL-IR: the user name comes with the command, the password after one challenge
+    out = raw.cmd(b"a", b"AUTHENTICATE LOGIN " + b64(addr) + b"\r\n" + b64("wrong password"))
+    assert out[0] == b"+ " + b64("Password:") + b"\r\n" and out[-1].startswith(b"a NO [AUTHENTICATIONFAILED]")
+    raw.send(b"b AUTHENTICATE LOGIN\r\n")
+    assert raw.line() == b"+ " + b64("Username:") + b"\r\n"
+    raw.send(b"*\r\n")  # cancels
+    assert raw.until(b"b")[-1].startswith(b"b BAD")
+    assert raw.cmd(b"c", b"AUTHENTICATE LOGIN %%%%")[-1].startswith(b"c BAD")  # not base64
+    assert raw.cmd(b"d", b"AUTHENTICATE PLAIN =")[-1].startswith(b"d BAD")  # empty is no PLAIN answer
+    assert raw.cmd(b"e", b"AUTHENTICATE CRAM-MD5")[-1].startswith(b"e NO")
+    assert raw.cmd(b"f", b"NOOP")[-1].startswith(b"f OK")
+    out = raw.cmd(b"g", b"AUTHENTICATE PLAIN " + base64.b64encode(b"\0" + addr.encode() + b"\0" + PASSWORD.encode()))
+    assert out[-1].startswith(b"g OK")
+    assert raw.cmd(b"h", b"AUTHENTICATE LOGIN")[-1].startswith(b"h BAD")  # already logged in
+    raw.close()

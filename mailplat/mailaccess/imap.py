@@ -2,13 +2,14 @@
 
 Owns: reading commands safely (lines capped at 64 KB; literals checked before any `+` is sent:
 negative, non-numeric or oversized sizes are refused at once, APPEND over APPENDLIMIT (or a
-MULTIAPPEND over MULTIAPPEND_LIMIT in all) gets `NO [TOOBIG]`, LITERAL+ honoured, literal bytes spooled with a cap; nesting capped by the
-tokenizer), one command at a time per session (reading pauses while a command runs, which is
-also the back-pressure), STARTTLS with buffered plaintext dropped, LOGINDISABLED before TLS
-(loopback excepted in dev mode), LOGIN and AUTHENTICATE PLAIN through realm.login, and the
-non-mailbox commands (CAPABILITY, NOOP, LOGOUT, ID, ENABLE, NAMESPACE).  Mailbox commands live
-in imapcmds.py; meaning lives in core.mailboxes; store calls run in threads via the store's
-async API, so the reactor never blocks.
+MULTIAPPEND over MULTIAPPEND_LIMIT in all) gets `NO [TOOBIG]`, LITERAL+ honoured, literal bytes
+spooled with a cap; nesting capped by the tokenizer), one command at a time per session
+(reading pauses while a command runs, which is also the back-pressure), STARTTLS with buffered
+plaintext dropped, LOGINDISABLED before TLS (loopback excepted in dev mode), LOGIN and
+AUTHENTICATE PLAIN or LOGIN through realm.login, and the non-mailbox commands (CAPABILITY,
+NOOP, LOGOUT, ID, ENABLE, NAMESPACE).  Mailbox commands live in imapcmds.py; meaning lives in
+core.mailboxes; store calls run in threads via the store's async API, so the reactor never
+blocks.
 
 Built on Twisted's LineReceiver, transports and TLS rather than twisted.mail.imap4.IMAP4Server:
 that class calls its mailbox synchronously in many places (CREATE/DELETE/RENAME, FETCH message
@@ -47,6 +48,17 @@ COMMAND_DEADLINE = 600.0
 _LITERAL = re.compile(rb"\{([^{}]*)\}$")
 _TAG = re.compile(rb"^[\x21-\x7e]+$")
 _TAG_BAD = set(b'(){%*"\\+')
+
+
+def _sasl(data: bytes) -> bytes:
+    """A base64 SASL response; "=" is the empty one (RFC 4959)."""
+    data = data.strip()
+    if data == b"=":
+        return b""
+    try:
+        return base64.b64decode(data, validate=True)
+    except (ValueError, TypeError):
+        raise Bad(b"Invalid SASL response") from None
 
 
 class _Command:
@@ -140,7 +152,7 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
             if not self.secure():
                 caps.append(b"STARTTLS")
             if self.login_allowed():
-                caps.append(b"AUTH=PLAIN")
+                caps += [b"AUTH=PLAIN", b"AUTH=LOGIN"]
             else:
                 caps.append(b"LOGINDISABLED")
         else:
@@ -373,28 +385,35 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
         return await self._logged_in(found, tag)
 
     async def c_authenticate(self, tag, args):
+        """SASL PLAIN (RFC 4616) and LOGIN (what Outlook sends), with SASL-IR (RFC 4959)."""
         if not self.login_allowed():
             raise No(b"[PRIVACYREQUIRED] Authentication is disabled before STARTTLS")
-        if not args or not isinstance(args[0], Atom) or args[0].upper() != b"PLAIN" or len(args) > 2:
+        mech = args[0].upper() if args and isinstance(args[0], Atom) and len(args) <= 2 else None
+        if mech not in (b"PLAIN", b"LOGIN"):
             raise No(b"Unsupported authentication mechanism")
-        if len(args) == 2:
-            data = bytes(args[1])
+        first = _sasl(bytes(args[1])) if len(args) == 2 else None
+        if mech == b"PLAIN":
+            try:
+                _authz, user, password = (await self._challenge(b"") if first is None else first).split(b"\0")
+            except ValueError:
+                raise Bad(b"Invalid SASL PLAIN response") from None
         else:
-            self.send(b"+ ")
-            self._cont = asyncio.get_running_loop().create_future()
-            self.paused = False  # read the continuation line
-            self.transport.resumeProducing()
-            self.dataReceived(b"")
-            data = await self._cont
-        if data.strip() == b"*":
-            raise Bad(b"Authentication cancelled")
-        try:
-            decoded = base64.b64decode(data.strip(), validate=True)
-            _authz, user, password = decoded.split(b"\0")
-        except (ValueError, TypeError):
-            raise Bad(b"Invalid SASL PLAIN response") from None
+            user = await self._challenge(b"Username:") if first is None else first
+            password = await self._challenge(b"Password:")
         found = await self._check(user, password)
         return await self._logged_in(found, tag)
+
+    async def _challenge(self, text: bytes) -> bytes:
+        """Send a SASL challenge and read the client's base64 answer ("*" cancels)."""
+        self.send(b"+ " + base64.b64encode(text))
+        fut = self._cont = asyncio.get_running_loop().create_future()
+        self.paused = False  # read the continuation line (perhaps already here: pipelined)
+        self.transport.resumeProducing()
+        self.dataReceived(b"")
+        data = await fut
+        if data.strip() == b"*":
+            raise Bad(b"Authentication cancelled")
+        return _sasl(data)
 
     # -- authenticated ---------------------------------------------------------------------------
     async def c_namespace(self, tag, args):
