@@ -1,7 +1,7 @@
 """IMAP extensions over real sockets with imaplib, each with its error cases: ESEARCH (RFC 4731),
 SEARCHRES (RFC 5182), LIST-EXTENDED (RFC 5258) with LIST-STATUS (RFC 5819) and the SPECIAL-USE
 options (RFC 6154), MULTIAPPEND (RFC 3502, all or nothing), RENAME INBOX (RFC 3501 6.3.5),
-AUTHENTICATE LOGIN beside PLAIN, with and without SASL-IR (RFC 4959)."""
+AUTHENTICATE LOGIN beside PLAIN, with and without SASL-IR (RFC 4959), BINARY (RFC 3516)."""
 from __future__ import annotations
 
 import base64
@@ -322,3 +322,48 @@ def test_authenticate_login_and_plain(server, addr):
     assert out[-1].startswith(b"g OK")
     assert raw.cmd(b"h", b"AUTHENTICATE LOGIN")[-1].startswith(b"h BAD")  # already logged in
     raw.close()
+
+
+BLOB = bytes(range(256)) * 3  # every octet, NUL included
+
+
+def test_binary_fetch_and_literal8_append(server, addr):
+    qp_text = "caf\u00e9 = \u20ac".encode()
+    message = (b"Subject: bin\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n\r\n"
+               b"--b1\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+               + base64.encodebytes(BLOB).replace(b"\n", b"\r\n")
+               + b"--b1\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+               b"caf=C3=A9 =3D =E2=82=AC=\r\n\r\n"
+               b"--b1\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: x-uuencode\r\n\r\nbegin 644 x\r\n"
+               b"--b1--\r\n")
+    m = login(server, addr)
+    assert "BINARY" in m.capability()[1][0].decode().split()
+    m.append("INBOX", None, None, message)
+    m.select("INBOX")
+    typ, data = m.fetch("1", "(BINARY.PEEK[1] BINARY.SIZE[1] BINARY.SIZE[2] BINARY.PEEK[2]<0.4>)")
+    assert typ == "OK"
+    head, body = data[0][0], data[0][1]
+    assert head.endswith(b"BINARY[1] ~{%d}" % len(BLOB)) and body == BLOB  # NUL inside: a literal8
+    rest = b"".join(x if isinstance(x, bytes) else x[0] + x[1] for x in data[1:])
+    assert b"BINARY.SIZE[1] %d" % len(BLOB) in rest and b"BINARY.SIZE[2] %d" % len(qp_text) in rest
+    assert qp_text[:4] in [x[1] for x in data[1:] if isinstance(x, tuple)]
+    assert b"\\Seen" not in m.fetch("1", "(FLAGS)")[1][0]  # .PEEK and .SIZE leave \Seen alone
+    typ, data = m.fetch("1", "(BINARY[] BINARY.SIZE[])")
+    assert data[0][1] == message and b"BINARY.SIZE[] %d" % len(message) in data[1]
+    assert b"\\Seen" in m.fetch("1", "(FLAGS)")[1][0]
+    # errors: an encoding we cannot undo, bad sections
+    typ, data = cmd(m, "FETCH", "1", "(BINARY.PEEK[3])")
+    assert typ == "NO" and b"UNKNOWN-CTE" in data[0]
+    for bad in ("(BINARY.SIZE[1]<0.5>)", "(BINARY[HEADER])", "(BINARY[0])", "(BINARY[1.TEXT])", "(BINARY[1)"):
+        assert cmd(m, "FETCH", "1", bad)[0] == "BAD", bad
+    # APPEND with a literal8: the octets are kept as sent, NUL and all
+    raw = raw_login(server, addr)
+    out = raw.cmd(b"b", b"APPEND INBOX ~{%d+}\r\n%s" % (len(BLOB), BLOB))
+    assert out[-1].startswith(b"b OK [APPENDUID"), out
+    out = raw.cmd(b"c", b"APPEND INBOX (\\Seen) ~{%d+}\r\n%s ~{%d+}\r\n%s" % (len(BLOB), BLOB, len(message), message))
+    assert out[-1].startswith(b"c OK [APPENDUID"), out
+    assert raw.cmd(b"d", b"APPEND INBOX ~ (\\Seen)")[-1].startswith(b"d BAD")
+    raw.close()
+    typ, data = m.fetch("2:4", "(BINARY.PEEK[])")
+    assert [x[1] for x in data if isinstance(x, tuple)] == [BLOB, BLOB, message]
+    m.logout()

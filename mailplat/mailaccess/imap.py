@@ -31,7 +31,7 @@ from twisted.protocols.policies import TimeoutMixin
 
 from .. import logs
 from ..core import mailboxes
-from . import realm
+from . import mime, realm
 from .imapcmds import SENT, Bad, Commands, No, build_commands
 from .imapparse import Atom, ParseError, astring, tokenize
 
@@ -158,7 +158,7 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
         else:
             caps += [b"NAMESPACE", b"UIDPLUS", b"MOVE", b"SPECIAL-USE", b"UNSELECT", b"CHILDREN",
                      b"CONDSTORE", b"QUOTA", b"APPENDLIMIT=%d" % APPENDLIMIT, b"ESEARCH", b"SEARCHRES",
-                     b"LIST-EXTENDED", b"LIST-STATUS", b"MULTIAPPEND"]
+                     b"LIST-EXTENDED", b"LIST-STATUS", b"MULTIAPPEND", b"BINARY"]
         return b" ".join(caps)
 
     # -- framing ---------------------------------------------------------------------------------
@@ -307,6 +307,8 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
             self._bad(tag, exc.text)
         except No as exc:
             self.send(tag + b" NO " + exc.text)
+        except mime.UnknownCTE:
+            self.send(tag + b" NO [UNKNOWN-CTE] Cannot decode that part's transfer encoding")
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - our bug ends this command, never the reactor

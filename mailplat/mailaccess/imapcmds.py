@@ -86,6 +86,10 @@ def folder_arg(tok) -> str:
         raise No(b"[CANNOT] " + exc.message.encode("utf-8", "replace")) from None
 
 
+def _is_literal(tok) -> bool:
+    return hasattr(tok, "read") or isinstance(tok, Literal)
+
+
 def _parse_idate(b: bytes) -> float:
     m = re.fullmatch(rb" ?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)", b)
     months = [b"JAN", b"FEB", b"MAR", b"APR", b"MAY", b"JUN", b"JUL", b"AUG", b"SEP", b"OCT", b"NOV", b"DEC"]
@@ -683,14 +687,18 @@ class Commands:
         return await self.c_copy(tag, args, uid=uid, move=True)
 
     async def c_append(self, tag, args):
-        """APPEND, and MULTIAPPEND (RFC 3502): several [flags] [date] message groups, all filed or none."""
+        """APPEND, and MULTIAPPEND (RFC 3502): several [flags] [date] message groups, all filed or
+        none; a message may come as a literal8 (~{n}, BINARY, RFC 3516)."""
         if len(args) < 2:
             raise Bad(b"APPEND needs a mailbox and a message")
         name = folder_arg(args[0])
         messages = []
         flags = date = None
-        for tok in args[1:]:
-            if hasattr(tok, "read") or isinstance(tok, Literal):
+        toks = args[1:]
+        for i, tok in enumerate(toks):
+            if isinstance(tok, Atom) and tok == b"~" and i + 1 < len(toks) and _is_literal(toks[i + 1]):
+                continue  # the literal8 mark
+            if _is_literal(tok):
                 data = tok.read() if hasattr(tok, "read") else bytes(tok)
                 if not data:
                     raise No(b"Cannot save an empty message")

@@ -218,6 +218,7 @@ class Section:
     partial: tuple | None = None  # (start, length)
     peek: bool = False
     label: bytes = b""  # how to name it in the response
+    binary: str = ""  # BINARY or BINARY.SIZE (RFC 3516): the part decoded, or its decoded size
 
 
 @dataclass
@@ -238,6 +239,8 @@ _SIMPLE = {b"FLAGS", b"UID", b"INTERNALDATE", b"RFC822.SIZE", b"ENVELOPE", b"BOD
            b"BODY", b"RFC822", b"RFC822.HEADER", b"RFC822.TEXT", b"MODSEQ"}
 _SECTION = re.compile(rb"^(BODY|BODY\.PEEK)\[([^\]]*)\](?:<(\d{1,10})\.(\d{1,10})>)?$", re.I)
 _FIELD = re.compile(rb"^[\x21-\x39\x3b-\x7e]+$")
+_BINARY = re.compile(rb"^(BINARY|BINARY\.PEEK|BINARY\.SIZE)\[((?:[1-9]\d{0,4}(?:\.[1-9]\d{0,4}){0,63})?)\]"
+                     rb"(?:<(\d{1,10})\.(\d{1,10})>)?$", re.I)
 
 
 def fetch_items(tok) -> FetchItems:
@@ -256,10 +259,27 @@ def fetch_items(tok) -> FetchItems:
                 items.names.append(up.decode())
             continue
         m = _SECTION.match(a)
+        if m:
+            items.sections.append(_section(m))
+            continue
+        m = _BINARY.match(a)
         if not m:
             raise ParseError("unknown fetch item")
-        items.sections.append(_section(m))
+        items.sections.append(_binary_section(m))
     return items
+
+
+def _binary_section(m) -> Section:
+    kind = m.group(1).upper()
+    if kind == b"BINARY.SIZE" and m.group(3) is not None:
+        raise ParseError("BINARY.SIZE takes no partial range")
+    nums = tuple(int(n) for n in m.group(2).split(b".")) if m.group(2) else ()
+    sec = Section(part=nums, peek=kind != b"BINARY", binary="SIZE" if kind == b"BINARY.SIZE" else "BINARY")
+    sec.label = (b"BINARY.SIZE[" if sec.binary == "SIZE" else b"BINARY[") + m.group(2) + b"]"
+    if m.group(3) is not None:
+        sec.partial = (int(m.group(3)), int(m.group(4)))
+        sec.label += b"<%d>" % sec.partial[0]
+    return sec
 
 
 def _section(m) -> Section:

@@ -2,8 +2,9 @@
 
 Owns the pure functions imapcmds.py runs in a worker thread (no store, no reactor): rendering
 one message's FETCH items (flags, dates, sizes, ENVELOPE/BODYSTRUCTURE via mime.py with a
-cache by body hash, BODY[...] sections and partials byte-exact) and evaluating a parsed SEARCH
-program against a message row and, when the keys need it, its parsed body.
+cache by body hash, BODY[...] sections and partials byte-exact, BINARY[...] decoded) and
+evaluating a parsed SEARCH program against a message row and, when the keys need it, its
+parsed body.
 """
 from __future__ import annotations
 
@@ -84,6 +85,9 @@ def render_fetch(seq: int, row, data: bytes | None, items, uid_cmd: bool, with_m
         elif n == "RFC822.TEXT":
             parts.append(b"RFC822.TEXT " + _lit(root.body_bytes))
     for sec in items.sections:
+        if sec.binary:
+            parts.append(_binary(root, sec))
+            continue
         body = mime.section_bytes(root, sec.part, sec.text, sec.fields)
         if sec.partial:
             start, length = sec.partial
@@ -96,6 +100,16 @@ def render_fetch(seq: int, row, data: bytes | None, items, uid_cmd: bool, with_m
 
 def _lit(b: bytes) -> bytes:
     return b"{%d}\r\n" % len(b) + b
+
+
+def _binary(root, sec) -> bytes:
+    """BINARY[...] (a literal8 when the decoded bytes hold NUL) or BINARY.SIZE[...] (RFC 3516)."""
+    data = mime.decoded_bytes(root, sec.part)
+    if sec.binary == "SIZE":
+        return sec.label + b" %d" % len(data)
+    if sec.partial:
+        data = data[sec.partial[0]:sec.partial[0] + sec.partial[1]]
+    return sec.label + (b" ~" if b"\0" in data else b" ") + _lit(data)
 
 
 def _contains(hay: bytes, needle: bytes) -> bool:
