@@ -11,6 +11,7 @@ Used by imap.py (in a worker thread when parsing many messages).
 from __future__ import annotations
 
 import binascii
+import email.header
 import email.utils
 import re
 from email.message import Message
@@ -91,7 +92,9 @@ class Part:
 def _raw(v) -> bytes:
     if isinstance(v, str):
         return v.encode("utf-8", "surrogateescape")
-    return str(v).encode("utf-8", "surrogateescape")
+    # a field with 8-bit octets (raw UTF-8, RFC 6532) comes wrapped in a Header: its octets as stored
+    return b"".join(s if isinstance(s, bytes) else s.encode("utf-8", "surrogateescape")
+                    for s, _ in email.header.decode_header(v))
 
 
 def _unfold(b: bytes) -> bytes:
