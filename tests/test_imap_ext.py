@@ -1,7 +1,8 @@
 """IMAP extensions over real sockets with imaplib, each with its error cases: ESEARCH (RFC 4731),
 SEARCHRES (RFC 5182), LIST-EXTENDED (RFC 5258) with LIST-STATUS (RFC 5819) and the SPECIAL-USE
 options (RFC 6154), MULTIAPPEND (RFC 3502, all or nothing), RENAME INBOX (RFC 3501 6.3.5),
-AUTHENTICATE LOGIN beside PLAIN, with and without SASL-IR (RFC 4959), BINARY (RFC 3516)."""
+AUTHENTICATE LOGIN beside PLAIN, with and without SASL-IR (RFC 4959), BINARY (RFC 3516),
+UTF8=ACCEPT (RFC 6855)."""
 from __future__ import annotations
 
 import base64
@@ -367,3 +368,44 @@ def test_binary_fetch_and_literal8_append(server, addr):
     typ, data = m.fetch("2:4", "(BINARY.PEEK[])")
     assert [x[1] for x in data if isinstance(x, tuple)] == [BLOB, BLOB, message]
     m.logout()
+
+
+def test_utf8_accept(server, addr):
+    old = login(server, addr)  # never enables UTF8=ACCEPT: modified UTF-7 throughout
+    assert old.create("Caf&AOk-")[0] == "OK"
+    m = login(server, addr)
+    assert "UTF8=ACCEPT" in m.capability()[1][0].decode().split()
+    typ, _ = m.enable("UTF8=ACCEPT")  # imaplib then sends commands as UTF-8
+    assert typ == "OK" and untagged(m, "ENABLED") == [b"UTF8=ACCEPT"]
+    assert m.list('""', '"Caf*"')[1] == ['(\\HasNoChildren) "/" "Café"'.encode()]
+    assert m.create('"Reçus/A&B"')[0] == "OK"
+    assert old.list('""', '"Re*"')[1] == [b'(\\HasChildren) "/" "Re&AOc-us"',
+                                          b'(\\HasNoChildren) "/" "Re&AOc-us/A&-B"']
+    typ, data = m.status('"Reçus/A&B"', "(MESSAGES)")
+    assert data == ['"Reçus/A&B" (MESSAGES 0)'.encode()]
+    typ, data = cmd(m, "LIST", '""', '"Re%"', "RETURN", "(STATUS (UIDNEXT))")
+    assert untagged(m, "STATUS") == ['"Reçus" (UIDNEXT 1)'.encode()] and untagged(m, "LIST")
+    # APPEND ... UTF8 (~{n}) with a raw UTF-8 header (RFC 6532), then search in UTF-8
+    message = "Subject: été à Zürich\r\nFrom: zoé@exemple.test\r\n\r\nbonjour\r\n".encode()
+    raw = raw_login(server, addr)
+    assert raw.cmd(b"a", b"ENABLE UTF8=ACCEPT")[-1].startswith(b"a OK")
+    out = raw.cmd(b"b", b'APPEND "Caf\xc3\xa9" (\\Seen) UTF8 (~{%d+}\r\n%s)' % (len(message), message))
+    assert out[-1].startswith(b"b OK [APPENDUID"), out
+    assert raw.cmd(b"c", b'SELECT "Caf\xc3\xa9"')[-1].startswith(b"c OK")
+    assert raw.cmd(b"d", b'SEARCH SUBJECT "Z\xc3\xbcrich"')[0] == b"* SEARCH 1\r\n"
+    assert raw.cmd(b"e", b"SEARCH CHARSET UTF-8 ALL")[-1].startswith(b"e BAD")  # no CHARSET after ENABLE
+    assert raw.cmd(b"f", b'CREATE "\xff\xfe"')[-1].startswith(b"f NO")  # not UTF-8
+    assert raw.cmd(b"g", b'CREATE "Caf&AOk-"')[-1].startswith(b"g OK")  # taken as it is, no UTF-7
+    raw.close()
+    assert b'"Caf&-AOk-"' in b"".join(old.list('""', '"Caf*"')[1])
+    old.select("Caf&AOk-")
+    typ, data = old.fetch("1", "(BODY.PEEK[] ENVELOPE)")
+    literals = [x[1] for x in data if isinstance(x, tuple)]
+    assert message in literals and "été à Zürich".encode() in literals  # ENVELOPE: the octets as stored
+    # a session that did not enable it: no UTF8 (...) APPEND, names still modified UTF-7
+    raw = raw_login(server, addr)
+    assert raw.cmd(b"h", b"APPEND INBOX UTF8 (~{%d+}\r\n%s)" % (len(message), message))[-1].startswith(b"h BAD")
+    assert raw.cmd(b"i", b'CREATE "Caf\xc3\xa9x"')[-1].startswith(b"i NO")
+    raw.close()
+    m.logout()
+    old.logout()

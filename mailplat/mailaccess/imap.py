@@ -158,7 +158,8 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
         else:
             caps += [b"NAMESPACE", b"UIDPLUS", b"MOVE", b"SPECIAL-USE", b"UNSELECT", b"CHILDREN",
                      b"CONDSTORE", b"QUOTA", b"APPENDLIMIT=%d" % APPENDLIMIT, b"ESEARCH", b"SEARCHRES",
-                     b"LIST-EXTENDED", b"LIST-STATUS", b"MULTIAPPEND", b"BINARY"]
+                     b"LIST-EXTENDED", b"LIST-STATUS", b"MULTIAPPEND", b"BINARY",
+                     b"UTF8=ACCEPT"]
         return b" ".join(caps)
 
     # -- framing ---------------------------------------------------------------------------------
@@ -425,9 +426,9 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
     async def c_enable(self, tag, args):
         done = []
         for a in args:
-            if isinstance(a, Atom) and a.upper() == b"CONDSTORE":
-                self.enabled.add("CONDSTORE")
-                done.append(b"CONDSTORE")
+            if isinstance(a, Atom) and a.upper() in (b"CONDSTORE", b"UTF8=ACCEPT") and a.upper() not in done:
+                self.enabled.add(a.upper().decode())
+                done.append(bytes(a.upper()))
         self.send(b"* ENABLED" + b"".join(b" " + d for d in done))
         return b"ENABLE completed"
 

@@ -77,9 +77,28 @@ class Selected:
         return sorted(out.items())
 
 
-def folder_arg(tok) -> str:
+def name_in(raw: bytes, utf8: bool) -> str:
+    """A mailbox name or pattern as a client sends it: UTF-8 once it enabled UTF8=ACCEPT
+    (RFC 6855), modified UTF-7 before."""
+    if not utf8:
+        return mutf7_decode(raw)
     try:
-        return mailboxes.folder_name(mutf7_decode(astring(tok)))
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ParseError("mailbox name is not UTF-8") from None
+
+
+def name_out(name: str, utf8: bool) -> bytes:
+    """A mailbox name for a response: a quoted UTF-8 string after UTF8=ACCEPT (folder names hold
+    no control characters), else modified UTF-7."""
+    if utf8:
+        return b'"' + name.encode().replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    return mime.string(mutf7_encode(name))
+
+
+def folder_arg(tok, utf8: bool) -> str:
+    try:
+        return mailboxes.folder_name(name_in(astring(tok), utf8))
     except ParseError as exc:
         raise No(b"[CANNOT] " + str(exc).encode()) from None
     except InputError as exc:
@@ -88,6 +107,24 @@ def folder_arg(tok) -> str:
 
 def _is_literal(tok) -> bool:
     return hasattr(tok, "read") or isinstance(tok, Literal)
+
+
+def _append_tokens(toks: list, utf8: bool) -> list:
+    """APPEND arguments with each message's wrapping taken off: the literal8 mark "~" before it
+    and, once UTF8=ACCEPT is enabled, UTF8 (...) around it."""
+    out, i = [], 0
+    while i < len(toks):
+        tok, nxt = toks[i], toks[i + 1] if i + 1 < len(toks) else None
+        if isinstance(tok, Atom) and tok == b"~" and _is_literal(nxt):
+            i += 1
+        elif (utf8 and isinstance(tok, Atom) and tok.upper() == b"UTF8" and isinstance(nxt, list)
+              and len(nxt) == 2 and nxt[0] == b"~" and _is_literal(nxt[1])):
+            out.append(nxt[1])
+            i += 2
+        else:
+            out.append(tok)
+            i += 1
+    return out
 
 
 def _parse_idate(b: bytes) -> float:
@@ -207,11 +244,11 @@ def _status_keys(tok) -> list[bytes]:
     return [bytes(t.upper()) for t in tok]
 
 
-def _status_line(name: str, status, keys: list[bytes]) -> bytes:
+def _status_line(name: str, status, keys: list[bytes], utf8: bool) -> bytes:
     info, count, unseen, size = status
     values = {b"MESSAGES": count, b"RECENT": 0, b"UIDNEXT": info.uidnext, b"UIDVALIDITY": info.uidvalidity,
               b"UNSEEN": unseen, b"HIGHESTMODSEQ": info.highestmodseq, b"SIZE": size}
-    return (b"* STATUS " + mime.string(mutf7_encode(name)) + b" ("
+    return (b"* STATUS " + name_out(name, utf8) + b" ("
             + b" ".join(k + b" %d" % values[k] for k in keys) + b")")
 
 
@@ -228,6 +265,11 @@ def _statuses_sync(mbid: int, names: list[str]) -> dict:
 
 class Commands:
     """Mailbox commands, mixed into IMAPServer (which provides send(), ctx, state, ...)."""
+
+    @property
+    def utf8(self) -> bool:
+        """UTF8=ACCEPT enabled: mailbox names travel as UTF-8 (RFC 6855)."""
+        return "UTF8=ACCEPT" in self.enabled
 
     # -- view sync -------------------------------------------------------------------------------
     async def refresh(self, force: bool = False, allow_expunge: bool = True) -> None:
@@ -286,13 +328,13 @@ class Commands:
         if len(args) != 1:
             raise Bad(b"CREATE needs a mailbox name")
         raw = astring(args[0]).rstrip(b"/")
-        await self._folder_write(mailboxes.create_folder_sync, folder_arg(Literal(raw)))
+        await self._folder_write(mailboxes.create_folder_sync, folder_arg(Literal(raw), self.utf8))
         return b"CREATE completed"
 
     async def c_delete(self, tag, args):
         if len(args) != 1:
             raise Bad(b"DELETE needs a mailbox name")
-        name = folder_arg(args[0])
+        name = folder_arg(args[0], self.utf8)
         fid = await self._folder_write(mailboxes.delete_folder_sync, name)
         mailboxes.changed(fid)
         return b"DELETE completed"
@@ -300,7 +342,8 @@ class Commands:
     async def c_rename(self, tag, args):
         if len(args) != 2:
             raise Bad(b"RENAME needs two mailbox names")
-        emptied = await self._folder_write(mailboxes.rename_folder_sync, folder_arg(args[0]), folder_arg(args[1]))
+        emptied = await self._folder_write(mailboxes.rename_folder_sync, folder_arg(args[0], self.utf8),
+                                           folder_arg(args[1], self.utf8))
         if emptied is not None:  # RENAME INBOX moved its messages away
             mailboxes.changed(emptied)
             await self.refresh()
@@ -309,7 +352,7 @@ class Commands:
     async def c_subscribe(self, tag, args, on=True):
         if len(args) != 1:
             raise Bad(b"mailbox name expected")
-        await self._folder_write(mailboxes.subscribe_sync, folder_arg(args[0]), on)
+        await self._folder_write(mailboxes.subscribe_sync, folder_arg(args[0], self.utf8), on)
         return b"completed"
 
     async def c_unsubscribe(self, tag, args):
@@ -338,7 +381,7 @@ class Commands:
             self.send(b'* ' + word + b' (\\Noselect) "/" ""')
             return word + b" completed"
         try:
-            patterns = [mutf7_decode(ref + p) for p in pats]
+            patterns = [name_in(ref + p, self.utf8) for p in pats]
         except ParseError as exc:
             raise No(b"[CANNOT] " + str(exc).encode()) from None
         subscribed_only = lsub or b"SUBSCRIBED" in select
@@ -361,7 +404,7 @@ class Commands:
                 attrs.append(f.special_use.encode())
             if show_subscribed and f.subscribed:
                 attrs.append(b"\\Subscribed")
-            line = b"* " + word + b" (" + b" ".join(attrs) + b') "/" ' + mime.string(mutf7_encode(f.name))
+            line = b"* " + word + b" (" + b" ".join(attrs) + b') "/" ' + name_out(f.name, self.utf8)
             if childinfo:
                 line += b' ("CHILDINFO" ("SUBSCRIBED"))'
             listed.append((f.name, line))
@@ -371,7 +414,7 @@ class Commands:
         for name, line in listed:
             self.send(line)
             if name in statuses:
-                self.send(_status_line(name, statuses[name], status_keys))
+                self.send(_status_line(name, statuses[name], status_keys, self.utf8))
         return word + b" completed"
 
     async def c_lsub(self, tag, args):
@@ -380,13 +423,13 @@ class Commands:
     async def c_status(self, tag, args):
         if len(args) != 2 or not isinstance(args[1], list):
             raise Bad(b"STATUS needs a mailbox and a list of items")
-        name = folder_arg(args[0])
+        name = folder_arg(args[0], self.utf8)
         keys = _status_keys(args[1])
         try:
             status = await self.ctx.store.read(mailboxes.status_sync, self.mbid, name)
         except NotFound:
             raise No(b"[NONEXISTENT] No such mailbox") from None
-        self.send(_status_line(name, status, keys))
+        self.send(_status_line(name, status, keys, self.utf8))
         return b"STATUS completed"
 
     # -- selection -------------------------------------------------------------------------------
@@ -395,7 +438,7 @@ class Commands:
             raise Bad(b"SELECT needs a mailbox name")
         condstore = len(args) == 2 and isinstance(args[1], list) and any(
             isinstance(a, Atom) and a.upper() == b"CONDSTORE" for a in args[1])
-        name = folder_arg(args[0])
+        name = folder_arg(args[0], self.utf8)
         self.deselect()
         try:
             st = await self.ctx.store.read(mailboxes.folder_state_sync, self.mbid, name)
@@ -632,6 +675,8 @@ class Commands:
         the program tests MODSEQ."""
         sel = self.sel
         if len(toks) >= 2 and isinstance(toks[0], Atom) and toks[0].upper() == b"CHARSET":
+            if self.utf8:
+                raise Bad(b"No CHARSET after ENABLE UTF8=ACCEPT: searches are in UTF-8")
             cs = astring(toks[1]).upper()
             if cs not in (b"UTF-8", b"US-ASCII"):
                 raise No(b"[BADCHARSET (UTF-8 US-ASCII)] Unsupported charset")
@@ -659,7 +704,7 @@ class Commands:
         if move and sel.readonly:
             raise No(b"[READ-ONLY] Mailbox is read-only")
         ss = seqset(args[0])
-        dest = folder_arg(args[1])
+        dest = folder_arg(args[1], self.utf8)
         await self.refresh(allow_expunge=uid)
         uids = [u for _, u in sel.targets(ss, uid)]
         try:
@@ -688,16 +733,14 @@ class Commands:
 
     async def c_append(self, tag, args):
         """APPEND, and MULTIAPPEND (RFC 3502): several [flags] [date] message groups, all filed or
-        none; a message may come as a literal8 (~{n}, BINARY, RFC 3516)."""
+        none; a message may come as a literal8 (~{n}, BINARY, RFC 3516) or, after UTF8=ACCEPT,
+        as UTF8 (~{n}) (RFC 6855)."""
         if len(args) < 2:
             raise Bad(b"APPEND needs a mailbox and a message")
-        name = folder_arg(args[0])
+        name = folder_arg(args[0], self.utf8)
         messages = []
         flags = date = None
-        toks = args[1:]
-        for i, tok in enumerate(toks):
-            if isinstance(tok, Atom) and tok == b"~" and i + 1 < len(toks) and _is_literal(toks[i + 1]):
-                continue  # the literal8 mark
+        for tok in _append_tokens(args[1:], self.utf8):
             if _is_literal(tok):
                 data = tok.read() if hasattr(tok, "read") else bytes(tok)
                 if not data:
@@ -733,12 +776,12 @@ class Commands:
     async def c_getquotaroot(self, tag, args):
         if len(args) != 1:
             raise Bad(b"GETQUOTAROOT needs a mailbox name")
-        name = folder_arg(args[0])
+        name = folder_arg(args[0], self.utf8)
         try:
             await self.ctx.store.read(mailboxes.status_sync, self.mbid, name)
         except NotFound:
             raise No(b"[NONEXISTENT] No such mailbox") from None
-        self.send(b"* QUOTAROOT " + mime.string(mutf7_encode(name)) + b' ""')
+        self.send(b"* QUOTAROOT " + name_out(name, self.utf8) + b' ""')
         await self._send_quota()
         return b"GETQUOTAROOT completed"
 
