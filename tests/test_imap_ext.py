@@ -2,7 +2,7 @@
 SEARCHRES (RFC 5182), LIST-EXTENDED (RFC 5258) with LIST-STATUS (RFC 5819) and the SPECIAL-USE
 options (RFC 6154), MULTIAPPEND (RFC 3502, all or nothing), RENAME INBOX (RFC 3501 6.3.5),
 AUTHENTICATE LOGIN beside PLAIN, with and without SASL-IR (RFC 4959), BINARY (RFC 3516),
-UTF8=ACCEPT (RFC 6855)."""
+UTF8=ACCEPT (RFC 6855), QRESYNC (RFC 7162)."""
 from __future__ import annotations
 
 import base64
@@ -333,7 +333,8 @@ def test_binary_fetch_and_literal8_append(server, addr):
     message = (b"Subject: bin\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b1\r\n\r\n"
                b"--b1\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
                + base64.encodebytes(BLOB).replace(b"\n", b"\r\n")
-               + b"--b1\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+               + b"--b1\r\nContent-Type: text/plain; charset=utf-8\r\n"
+               b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
                b"caf=C3=A9 =3D =E2=82=AC=\r\n\r\n"
                b"--b1\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: x-uuencode\r\n\r\nbegin 644 x\r\n"
                b"--b1--\r\n")
@@ -409,3 +410,69 @@ def test_utf8_accept(server, addr):
     raw.close()
     m.logout()
     old.logout()
+
+
+def test_qresync(server, addr):
+    other = login(server, addr)
+    for i in range(1, 6):
+        other.append("INBOX", None, None, msg(i))
+    m = login(server, addr)
+    assert "QRESYNC" in m.capability()[1][0].decode().split()
+    assert cmd(m, "SELECT", "INBOX", "(QRESYNC (1 1))")[0] == "BAD"  # not enabled yet
+    typ, _ = cmd(m, "ENABLE", "QRESYNC")
+    assert typ == "OK" and untagged(m, "ENABLED") == [b"QRESYNC"]
+    m.select("INBOX")
+    validity = int(untagged(m, "UIDVALIDITY")[0])
+    [modseq] = [int(re.search(rb"HIGHESTMODSEQ (\d+)", x).group(1)) for x in untagged(m, "OK") if b"HIGHESTMODSEQ" in x]
+    m.unselect()
+    # meanwhile: message 2 flagged, message 3 expunged
+    other.select("INBOX")
+    other.store("2", "+FLAGS", r"(\Flagged)")
+    other.store("3", "+FLAGS", r"(\Deleted)")
+    other.expunge()
+
+    def resync(params: str) -> tuple[list, list]:
+        typ, data = cmd(m, "SELECT", "INBOX", f"(QRESYNC ({params}))")
+        assert typ == "OK", data
+        m.state = "SELECTED"  # imaplib's own bookkeeping
+        return untagged(m, "VANISHED"), untagged(m, "FETCH")
+
+    vanished, fetches = resync(f"{validity} {modseq}")
+    assert vanished == [b"(EARLIER) 3"]
+    assert len(fetches) == 1 and re.fullmatch(rb"2 \(UID 2 FLAGS \(\\Flagged\) MODSEQ \(\d+\)\)", fetches[0])
+    assert untagged(m, "OK") and b"[CLOSED]" not in b"".join(untagged(m, "OK"))
+    vanished, fetches = resync(f"{validity} {modseq} 1,4:5")  # known UIDs narrow both
+    assert vanished == [] and fetches == []
+    untagged(m, "OK")
+    vanished, fetches = resync(f"{validity} {modseq} 1:* (1:3 1,2,4)")  # with sequence match data
+    assert vanished == [b"(EARLIER) 3"] and len(fetches) == 1
+    assert any(b"[CLOSED]" in x for x in untagged(m, "OK"))  # the previous SELECT was closed
+    vanished, fetches = resync(f"{validity + 1} {modseq}")  # another UIDVALIDITY: a plain SELECT
+    assert vanished == [] and fetches == []
+    # live: VANISHED instead of EXPUNGE, for others' expunges and for our own
+    other.store("4", "+FLAGS", r"(\Deleted)")  # UID 5 at sequence 4
+    other.expunge()
+    assert m.noop()[0] == "OK"
+    assert untagged(m, "VANISHED") == [b"5"] and untagged(m, "EXPUNGE") == []
+    m.store("1", "+FLAGS.SILENT", r"(\Deleted)")
+    typ, data = cmd(m, "EXPUNGE")
+    assert untagged(m, "VANISHED") == [b"1"] and untagged(m, "EXPUNGE") == []
+    assert typ == "OK" and re.match(rb"\[HIGHESTMODSEQ \d+\]", data[-1])
+    # UID FETCH (CHANGEDSINCE n VANISHED)
+    typ, _ = cmd(m, "UID", "FETCH", "1:*", "(FLAGS)", f"(CHANGEDSINCE {modseq} VANISHED)")
+    assert typ == "OK" and untagged(m, "VANISHED") == [b"(EARLIER) 1,3,5"]
+    assert [re.search(rb"UID (\d+)", x).group(1) for x in untagged(m, "FETCH")] == [b"2"]
+    # errors
+    for bad in (("FETCH", "1:*", "(FLAGS)", f"(CHANGEDSINCE {modseq} VANISHED)"),  # not UID FETCH
+                ("UID", "FETCH", "1:*", "(FLAGS)", "(VANISHED)"),  # no CHANGEDSINCE
+                ("UID", "FETCH", "1:*", "(FLAGS)", "(NOSUCH 1)"),
+                ("SELECT", "INBOX", "(QRESYNC (0 1))"), ("SELECT", "INBOX", "(QRESYNC (1))"),
+                ("SELECT", "INBOX", "(QRESYNC (1 1 1:* (1:2)))"), ("SELECT", "INBOX", "(NOSUCH)")):
+        assert cmd(m, *bad)[0] == "BAD", bad
+    other.logout()
+    plain = login(server, addr)  # without QRESYNC nothing changes: EXPUNGE as before
+    plain.select("INBOX")
+    plain.store("1", "+FLAGS.SILENT", r"(\Deleted)")
+    assert plain.expunge()[1] == [b"1"] and "VANISHED" not in plain.untagged_responses
+    plain.logout()
+    m.logout()

@@ -159,7 +159,7 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
             caps += [b"NAMESPACE", b"UIDPLUS", b"MOVE", b"SPECIAL-USE", b"UNSELECT", b"CHILDREN",
                      b"CONDSTORE", b"QUOTA", b"APPENDLIMIT=%d" % APPENDLIMIT, b"ESEARCH", b"SEARCHRES",
                      b"LIST-EXTENDED", b"LIST-STATUS", b"MULTIAPPEND", b"BINARY",
-                     b"UTF8=ACCEPT"]
+                     b"UTF8=ACCEPT", b"QRESYNC"]
         return b" ".join(caps)
 
     # -- framing ---------------------------------------------------------------------------------
@@ -426,9 +426,12 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
     async def c_enable(self, tag, args):
         done = []
         for a in args:
-            if isinstance(a, Atom) and a.upper() in (b"CONDSTORE", b"UTF8=ACCEPT") and a.upper() not in done:
-                self.enabled.add(a.upper().decode())
-                done.append(bytes(a.upper()))
+            word = bytes(a.upper()) if isinstance(a, Atom) else b""
+            if word in (b"CONDSTORE", b"QRESYNC", b"UTF8=ACCEPT") and word not in done:
+                self.enabled.add(word.decode())
+                done.append(word)
+        if "QRESYNC" in self.enabled:
+            self.enabled.add("CONDSTORE")  # QRESYNC implies it (RFC 7162 3.2.3)
         self.send(b"* ENABLED" + b"".join(b" " + d for d in done))
         return b"ENABLE completed"
 

@@ -2,10 +2,12 @@
 APPEND, CLOSE/UNSELECT, and keeping a session's view (sequence numbers) in step with the store.
 
 Owns the protocol side of every mailbox command (arguments, responses, UIDPLUS/MOVE/CONDSTORE
-response codes, ESEARCH answers and the SEARCHRES "$" kept per selected mailbox, LIST-EXTENDED
-selection and return options with LIST-STATUS); core.mailboxes decides and stores.  Store calls run in the store's threads;
-MIME parsing and SEARCH over bodies run in a worker thread, in chunks, so the reactor stays
-responsive and memory stays bounded.  Mixed into imap.IMAPServer.
+response codes, QRESYNC's VANISHED and resynchronising SELECT, ESEARCH answers and the SEARCHRES
+"$" kept per selected mailbox, LIST-EXTENDED selection and return options with LIST-STATUS,
+MULTIAPPEND, BINARY literal8 and UTF-8 mailbox names after UTF8=ACCEPT); core.mailboxes decides
+and stores.  Store calls run in the store's threads; MIME parsing and SEARCH over bodies run in
+a worker thread, in chunks, so the reactor stays responsive and memory stays bounded.  Mixed
+into imap.IMAPServer.
 """
 from __future__ import annotations
 
@@ -103,6 +105,75 @@ def folder_arg(tok, utf8: bool) -> str:
         raise No(b"[CANNOT] " + str(exc).encode()) from None
     except InputError as exc:
         raise No(b"[CANNOT] " + exc.message.encode("utf-8", "replace")) from None
+
+
+def _absent(uids: list[int], ranges: list[tuple[int, int]]) -> bytes:
+    """The UIDs within `ranges` that are not in the sorted `uids`, as a compact set ("" if none);
+    by gaps, so 1:4294967295 costs no more than the UIDs present."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + 1:  # overlaps what is already reported
+            lo = out[-1][1] + 1
+        i = bisect.bisect_left(uids, lo)
+        while lo <= hi:
+            if i < len(uids) and uids[i] <= hi:
+                if uids[i] > lo:
+                    out.append((lo, uids[i] - 1))
+                lo = uids[i] + 1
+                i += 1
+            else:
+                out.append((lo, hi))
+                break
+    return b",".join(b"%d" % a if a == b else b"%d:%d" % (a, b) for a, b in out)
+
+
+def _select_params(tok) -> tuple[bool, tuple | None]:
+    """SELECT/EXAMINE parameters: CONDSTORE, and QRESYNC (uidvalidity modseq [known-uids]
+    [(seqs uids)]) as (uidvalidity, modseq, known UIDs or None) (RFC 7162)."""
+    if not isinstance(tok, list):
+        raise Bad(b"SELECT parameters must be a list")
+    condstore, qresync, i = False, None, 0
+    while i < len(tok):
+        word = tok[i].upper() if isinstance(tok[i], Atom) else b""
+        if word == b"CONDSTORE":
+            condstore, i = True, i + 1
+        elif word == b"QRESYNC" and i + 1 < len(tok) and isinstance(tok[i + 1], list):
+            p = tok[i + 1]
+            if not 2 <= len(p) <= 4:
+                raise Bad(b"Invalid QRESYNC parameters")
+            known = None
+            rest = p[2:]
+            if rest and not isinstance(rest[0], list):
+                known = seqset(rest[0])
+                rest = rest[1:]
+            if rest and not (isinstance(rest[0], list) and len(rest[0]) == 2 and len(rest) == 1):
+                raise Bad(b"Invalid QRESYNC parameters")
+            for s in rest[0] if rest else ():  # sequence match data: a hint we do not need
+                seqset(s)
+            if known is not None and known.saved:
+                raise Bad(b"Invalid QRESYNC parameters")
+            qresync, i = (number(p[0], 1, 2**32 - 1), number(p[1]), known), i + 2
+        else:
+            raise Bad(b"Unknown SELECT parameter")
+    return condstore, qresync
+
+
+def _fetch_modifiers(tok, uid: bool, qresync: bool) -> tuple[int | None, bool]:
+    """FETCH modifiers: (CHANGEDSINCE modseq) (RFC 7162 3.1.4) and VANISHED (3.2.6)."""
+    if not isinstance(tok, list):
+        raise Bad(b"FETCH modifiers must be a list")
+    changedsince, vanished, i = None, False, 0
+    while i < len(tok):
+        word = tok[i].upper() if isinstance(tok[i], Atom) else b""
+        if word == b"CHANGEDSINCE" and i + 1 < len(tok):
+            changedsince, i = number(tok[i + 1]), i + 2
+        elif word == b"VANISHED":
+            vanished, i = True, i + 1
+        else:
+            raise Bad(b"Unknown FETCH modifier")
+    if vanished and not (uid and qresync and changedsince is not None):
+        raise Bad(b"VANISHED needs UID FETCH, CHANGEDSINCE and ENABLE QRESYNC")
+    return changedsince, vanished
 
 
 def _is_literal(tok) -> bool:
@@ -291,10 +362,7 @@ class Commands:
             if not allow_expunge:
                 return  # report later, when EXPUNGE responses are allowed
             present = set(all_uids)
-            for i in range(len(sel.uids) - 1, -1, -1):
-                if sel.uids[i] not in present:
-                    self.send(b"* %d EXPUNGE" % (i + 1))
-                    del sel.uids[i]
+            self._expunged([u for u in sel.uids if u not in present])
         top = sel.uids[-1] if sel.uids else 0
         new = [r.uid for r in rows if r.uid > top]
         if new:
@@ -436,9 +504,12 @@ class Commands:
     async def c_select(self, tag, args, readonly=False):
         if not args or len(args) > 2:
             raise Bad(b"SELECT needs a mailbox name")
-        condstore = len(args) == 2 and isinstance(args[1], list) and any(
-            isinstance(a, Atom) and a.upper() == b"CONDSTORE" for a in args[1])
+        condstore, qresync = _select_params(args[1]) if len(args) == 2 else (False, None)
+        if qresync is not None and "QRESYNC" not in self.enabled:
+            raise Bad(b"QRESYNC needs ENABLE QRESYNC first")
         name = folder_arg(args[0], self.utf8)
+        if self.sel is not None:
+            self.send(b"* OK [CLOSED] Previous mailbox closed")
         self.deselect()
         try:
             st = await self.ctx.store.read(mailboxes.folder_state_sync, self.mbid, name)
@@ -459,7 +530,26 @@ class Commands:
         self.send(b"* OK [UIDVALIDITY %d] UIDs valid" % st.info.uidvalidity)
         self.send(b"* OK [UIDNEXT %d] Predicted next UID" % st.info.uidnext)
         self.send(b"* OK [HIGHESTMODSEQ %d] Highest" % st.info.highestmodseq)
+        if qresync is not None and qresync[0] == st.info.uidvalidity:
+            await self._resync(qresync[1], qresync[2], st.info.uidnext)
         return (b"[READ-ONLY] EXAMINE" if readonly else b"[READ-WRITE] SELECT") + b" completed"
+
+    async def _resync(self, modseq: int, known: SeqSet | None, uidnext: int) -> None:
+        """SELECT ... (QRESYNC ...) (RFC 7162 3.2.5): VANISHED (EARLIER) and the FETCHes of what
+        changed since the client's modseq, within the UIDs it knows.  Expunges leave no trace
+        here, so VANISHED names every absent UID of those (also ones gone before `modseq`, which
+        clients ignore)."""
+        sel = self.sel
+        ranges = known.resolve(sel.uids[-1] if sel.uids else 0) if known else [(1, uidnext - 1)]
+        gone = _absent(sel.uids, ranges)
+        if gone:
+            self.send(b"* VANISHED (EARLIER) " + gone)
+        _, rows, _ = await self.ctx.store.read(
+            mailboxes.changes_since_sync, sel.folder_id, modseq, len(sel.uids), sel.uids[-1] if sel.uids else 0)
+        for r in rows:
+            seq = sel.seq_of(r.uid)
+            if seq is not None and (known is None or known.contains(r.uid, sel.uids[-1])):
+                self.send(b"* %d FETCH (UID %d FLAGS %s MODSEQ (%d))" % (seq, r.uid, _flags_bytes(r.flags), r.modseq))
 
     async def c_examine(self, tag, args):
         return await self.c_select(tag, args, readonly=True)
@@ -499,10 +589,18 @@ class Commands:
         mailboxes.changed(sel.folder_id)
         sel.version = mailboxes.version(sel.folder_id)
         await self.refresh(force=True)
+        if "QRESYNC" in self.enabled:
+            return b"[HIGHESTMODSEQ %d] EXPUNGE completed" % sel.modseq
         return b"EXPUNGE completed"
 
     def _expunged(self, uids: list[int]) -> None:
         sel = self.sel
+        if "QRESYNC" in self.enabled:  # RFC 7162: one VANISHED instead of an EXPUNGE each
+            gone = {u for u in uids if sel.seq_of(u) is not None}
+            if gone:
+                sel.uids[:] = [u for u in sel.uids if u not in gone]
+                self.send(b"* VANISHED " + _set(sorted(gone)))
+            return
         for u in sorted(uids, reverse=True):
             seq = sel.seq_of(u)
             if seq is not None:
@@ -515,15 +613,20 @@ class Commands:
             raise Bad(b"FETCH needs a sequence set and items")
         ss = seqset(args[0])
         items = fetch_items(args[1])
-        changedsince = None
-        if len(args) == 3 and isinstance(args[2], list) and len(args[2]) == 2 and \
-                isinstance(args[2][0], Atom) and args[2][0].upper() == b"CHANGEDSINCE":
-            changedsince = number(args[2][1])
-            self.enabled.add("CONDSTORE")
-        elif len(args) != 2:
+        if len(args) > 3:
             raise Bad(b"Too many FETCH arguments")
+        changedsince, vanished = _fetch_modifiers(args[2], uid, "QRESYNC" in self.enabled) \
+            if len(args) == 3 else (None, False)
+        if changedsince is not None:
+            self.enabled.add("CONDSTORE")
         await self.refresh(allow_expunge=uid)
         targets = sel.targets(ss, uid)
+        if vanished:  # RFC 7162 3.2.6: the UIDs asked for that are gone; "*" reaches UIDNEXT-1 here
+            info = await self.ctx.store.read(mailboxes.folder_info_sync, sel.folder_id)
+            gone = _absent(sel.uids, [(u, u) for u in sel.saved] if ss.saved else ss.resolve(
+                max(info.uidnext - 1 if info else 0, sel.uids[-1] if sel.uids else 0)))
+            if gone:
+                self.send(b"* VANISHED (EARLIER) " + gone)
         set_seen = not sel.readonly and (any(not s.peek for s in items.sections)
                                           or any(n in ("RFC822", "RFC822.TEXT") for n in items.names))
         with_modseq = "CONDSTORE" in self.enabled and (changedsince is not None or "MODSEQ" in items.names)
