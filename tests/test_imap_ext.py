@@ -449,6 +449,9 @@ def test_qresync(server, addr):
     assert any(b"[CLOSED]" in x for x in untagged(m, "OK"))  # the previous SELECT was closed
     vanished, fetches = resync(f"{validity + 1} {modseq}")  # another UIDVALIDITY: a plain SELECT
     assert vanished == [] and fetches == []
+    [now] = [int(re.search(rb"HIGHESTMODSEQ (\d+)", x).group(1)) for x in untagged(m, "OK") if b"HIGHESTMODSEQ" in x]
+    vanished, fetches = resync(f"{validity} {now}")  # up to date: nothing to say
+    assert vanished == [] and fetches == []
     # live: VANISHED instead of EXPUNGE, for others' expunges and for our own
     other.store("4", "+FLAGS", r"(\Deleted)")  # UID 5 at sequence 4
     other.expunge()

@@ -538,8 +538,10 @@ class Commands:
         """SELECT ... (QRESYNC ...) (RFC 7162 3.2.5): VANISHED (EARLIER) and the FETCHes of what
         changed since the client's modseq, within the UIDs it knows.  Expunges leave no trace
         here, so VANISHED names every absent UID of those (also ones gone before `modseq`, which
-        clients ignore)."""
+        clients ignore); nothing at all when the mailbox has not changed since `modseq`."""
         sel = self.sel
+        if modseq >= sel.modseq:
+            return
         ranges = known.resolve(sel.uids[-1] if sel.uids else 0) if known else [(1, uidnext - 1)]
         gone = _absent(sel.uids, ranges)
         if gone:
