@@ -2,12 +2,13 @@
 SEARCHRES (RFC 5182), LIST-EXTENDED (RFC 5258) with LIST-STATUS (RFC 5819) and the SPECIAL-USE
 options (RFC 6154), MULTIAPPEND (RFC 3502, all or nothing), RENAME INBOX (RFC 3501 6.3.5),
 AUTHENTICATE LOGIN beside PLAIN, with and without SASL-IR (RFC 4959), BINARY (RFC 3516),
-UTF8=ACCEPT (RFC 6855), QRESYNC (RFC 7162)."""
+UTF8=ACCEPT (RFC 6855), QRESYNC (RFC 7162), COMPRESS=DEFLATE (RFC 4978)."""
 from __future__ import annotations
 
 import base64
 import imaplib
 import re
+import zlib
 
 import pytest
 
@@ -479,3 +480,65 @@ def test_qresync(server, addr):
     assert plain.expunge()[1] == [b"1"] and "VANISHED" not in plain.untagged_responses
     plain.logout()
     m.logout()
+
+
+class Deflated:
+    """The client side of COMPRESS DEFLATE over a Raw connection."""
+
+    def __init__(self, raw: Raw):
+        self.raw, self.out, self.inf, self.buf = raw, zlib.compressobj(6, zlib.DEFLATED, -15), \
+            zlib.decompressobj(-15), b""
+
+    def send(self, data: bytes) -> None:
+        self.raw.sock.sendall(self.out.compress(data) + self.out.flush(zlib.Z_SYNC_FLUSH))
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            chunk = self.raw.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buf += self.inf.decompress(chunk)
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line + b"\r\n"
+
+    def read(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self.buf += self.inf.decompress(self.raw.sock.recv(65536))
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def cmd(self, tag: bytes, text: bytes) -> list[bytes]:
+        self.send(tag + b" " + text + b"\r\n")
+        out = []
+        while not out or not out[-1].startswith(tag + b" "):
+            out.append(self.line())
+        return out
+
+
+def test_compress_deflate(server, addr):
+    big = b"Subject: big\r\n\r\n" + b"".join(b"line %06d of a long message\r\n" % i for i in range(20_000))
+    m = login(server, addr)
+    m.append("INBOX", None, None, big)
+    m.logout()
+    raw = Raw(server.ports["imap"])
+    assert raw.cmd(b"a", b"COMPRESS DEFLATE")[-1].startswith(b"a BAD")  # not before login
+    raw = raw_login(server, addr)
+    assert raw.cmd(b"b", b"COMPRESS LZMA")[-1].startswith(b"b BAD")
+    assert b"COMPRESS=DEFLATE" in raw.cmd(b"c", b"CAPABILITY")[0]
+    assert raw.cmd(b"d", b"COMPRESS DEFLATE")[-1] == b"d OK DEFLATE active\r\n"
+    z = Deflated(raw)
+    assert z.cmd(b"e", b"COMPRESS DEFLATE")[-1].startswith(b"e NO [COMPRESSIONACTIVE]")
+    assert z.cmd(b"f", b"SELECT INBOX")[-1].startswith(b"f OK")
+    z.send(b"g FETCH 1 BODY.PEEK[]\r\n")
+    head = z.line()
+    assert head.endswith(b"{%d}\r\n" % len(big)), head
+    assert z.read(len(big)) == big
+    assert z.line() == b")\r\n" and z.line().startswith(b"g OK")
+    # a literal, compressed like the rest
+    out = z.cmd(b"h", b"APPEND INBOX {%d+}\r\n%s" % (len(big), big))
+    assert out[-1].startswith(b"h OK [APPENDUID")
+    # a compression bomb: 50 MB of one line, a few KB on the wire, ends the session quickly
+    z.send(b"i NOOP " + b"x" * 50_000_000)
+    assert any(b"BYE" in z.line() for _ in range(3))
+    raw.close()
+    assert login(server, addr).select("INBOX")[1] == [b"2"]  # the server is fine

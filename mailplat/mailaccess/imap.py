@@ -5,11 +5,11 @@ negative, non-numeric or oversized sizes are refused at once, APPEND over APPEND
 MULTIAPPEND over MULTIAPPEND_LIMIT in all) gets `NO [TOOBIG]`, LITERAL+ honoured, literal bytes
 spooled with a cap; nesting capped by the tokenizer), one command at a time per session
 (reading pauses while a command runs, which is also the back-pressure), STARTTLS with buffered
-plaintext dropped, LOGINDISABLED before TLS (loopback excepted in dev mode), LOGIN and
-AUTHENTICATE PLAIN or LOGIN through realm.login, and the non-mailbox commands (CAPABILITY,
-NOOP, LOGOUT, ID, ENABLE, NAMESPACE).  Mailbox commands live in imapcmds.py; meaning lives in
-core.mailboxes; store calls run in threads via the store's async API, so the reactor never
-blocks.
+plaintext dropped, COMPRESS=DEFLATE (inflating in bounded steps), LOGINDISABLED before TLS
+(loopback excepted in dev mode), LOGIN and AUTHENTICATE PLAIN or LOGIN through realm.login,
+and the non-mailbox commands (CAPABILITY, NOOP, LOGOUT, ID, ENABLE, NAMESPACE, COMPRESS).
+Mailbox commands live in imapcmds.py; meaning lives in core.mailboxes; store calls run in
+threads via the store's async API, so the reactor never blocks.
 
 Built on Twisted's LineReceiver, transports and TLS rather than twisted.mail.imap4.IMAP4Server:
 that class calls its mailbox synchronously in many places (CREATE/DELETE/RENAME, FETCH message
@@ -24,6 +24,7 @@ import base64
 import re
 import tempfile
 import time
+import zlib
 
 from twisted.internet import protocol
 from twisted.protocols.basic import LineReceiver
@@ -59,6 +60,24 @@ def _sasl(data: bytes) -> bytes:
         return base64.b64decode(data, validate=True)
     except (ValueError, TypeError):
         raise Bad(b"Invalid SASL response") from None
+
+
+class _Deflating:
+    """The transport after COMPRESS DEFLATE: every write goes out as raw DEFLATE, flushed so
+    the client can read it at once; anything else is the transport underneath."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self._deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
+
+    def write(self, data: bytes) -> None:
+        self._inner.write(self._deflate.compress(data) + self._deflate.flush(zlib.Z_SYNC_FLUSH))
+
+    def writeSequence(self, seq) -> None:
+        self.write(b"".join(seq))
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
 
 
 class _Command:
@@ -97,6 +116,9 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
         self._idle_done: asyncio.Event | None = None
         self._closed = False
         self._task: asyncio.Task | None = None
+        self._inflate = None  # COMPRESS=DEFLATE (RFC 4978): the reader's inflater, once active
+        self._ztail = b""  # compressed bytes not yet inflated (held while a command runs)
+        self._inflating = False
 
     # -- connection ----------------------------------------------------------------------------
     def connectionMade(self):
@@ -137,6 +159,30 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
         self.transport.loseConnection()
         self._closed = True
 
+    def dataReceived(self, data: bytes):
+        if self._inflate is None or self._inflating:  # plain, or LineReceiver handing back inflated bytes
+            return super().dataReceived(data)
+        # Inflate in 64 KB steps and none while a command runs: a small compressed input cannot
+        # become a large buffer.
+        self._ztail += data
+        while True:
+            out = b""
+            if self._ztail and not self.paused and not self._closed:
+                tail, self._ztail = self._ztail, b""
+                try:
+                    out = self._inflate.decompress(tail, 65536)
+                except zlib.error:
+                    self.close(b"Invalid compressed data")
+                    return
+                self._ztail = self._inflate.unconsumed_tail + self._ztail
+            self._inflating = True
+            try:
+                super().dataReceived(out)
+            finally:
+                self._inflating = False
+            if not out or self._closed:
+                return
+
     def lineLengthExceeded(self, line):
         self.close(b"Line too long")
 
@@ -159,7 +205,7 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
             caps += [b"NAMESPACE", b"UIDPLUS", b"MOVE", b"SPECIAL-USE", b"UNSELECT", b"CHILDREN",
                      b"CONDSTORE", b"QUOTA", b"APPENDLIMIT=%d" % APPENDLIMIT, b"ESEARCH", b"SEARCHRES",
                      b"LIST-EXTENDED", b"LIST-STATUS", b"MULTIAPPEND", b"BINARY",
-                     b"UTF8=ACCEPT", b"QRESYNC"]
+                     b"UTF8=ACCEPT", b"QRESYNC", b"COMPRESS=DEFLATE"]
         return b" ".join(caps)
 
     # -- framing ---------------------------------------------------------------------------------
@@ -345,6 +391,18 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
         self.send(tag + b" OK LOGOUT completed")
         self.transport.loseConnection()
         self._closed = True
+        return SENT
+
+    async def c_compress(self, tag, args):
+        """COMPRESS DEFLATE (RFC 4978): both directions compressed from the end of our OK on."""
+        if len(args) != 1 or not isinstance(args[0], Atom) or args[0].upper() != b"DEFLATE":
+            raise Bad(b"COMPRESS DEFLATE is the only mechanism")
+        if self._inflate is not None:
+            raise No(b"[COMPRESSIONACTIVE] Compression is already active")
+        self.send(tag + b" OK DEFLATE active")
+        self.clearLineBuffer()  # the client sends nothing more until it has read our OK
+        self._inflate = zlib.decompressobj(-15)
+        self.transport = _Deflating(self.transport)
         return SENT
 
     async def c_id(self, tag, args):
