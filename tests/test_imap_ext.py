@@ -2,7 +2,7 @@
 SEARCHRES (RFC 5182), LIST-EXTENDED (RFC 5258) with LIST-STATUS (RFC 5819) and the SPECIAL-USE
 options (RFC 6154), MULTIAPPEND (RFC 3502, all or nothing), RENAME INBOX (RFC 3501 6.3.5),
 AUTHENTICATE LOGIN beside PLAIN, with and without SASL-IR (RFC 4959), BINARY (RFC 3516),
-UTF8=ACCEPT (RFC 6855), QRESYNC (RFC 7162), COMPRESS=DEFLATE (RFC 4978)."""
+UTF8=ACCEPT (RFC 6855), QRESYNC (RFC 7162), COMPRESS=DEFLATE (RFC 4978), SORT (RFC 5256, 5957)."""
 from __future__ import annotations
 
 import base64
@@ -542,3 +542,43 @@ def test_compress_deflate(server, addr):
     assert any(b"BYE" in z.line() for _ in range(3))
     raw.close()
     assert login(server, addr).select("INBOX")[1] == [b"2"]  # the server is fine
+
+
+def test_sort(server, addr):
+    m = login(server, addr)
+    assert {"SORT", "SORT=DISPLAY"} <= set(m.capability()[1][0].decode().split())
+    messages = [  # (From, To, Subject, Date, padding)
+        ('"Zed" <alice@far.test>', "carol@far.test", "Re: [list] banana", "Mon, 03 Jan 2022 10:00:00 +0000", 300),
+        ("bob@far.test", '"Abe" <zoe@far.test>', "apple", "Sat, 01 Jan 2022 10:00:00 +0000", 10),
+        ("=?utf-8?q?=C3=89mile?= <Eve@far.test>", "bob@far.test", "Fwd: Cherry (fwd)", "garbage", 100),
+        ("dave@far.test", "alice@far.test", "[Fwd: APPLE]", "Sun, 02 Jan 2022 23:30:00 -0500", 50),
+    ]
+    for i, (frm, to, subj, date, pad) in enumerate(messages):
+        m.append("INBOX", r"(\Seen)" if i % 2 else None, f'"0{i + 1}-Feb-2022 10:00:00 +0000"',
+                 f"From: {frm}\r\nTo: {to}\r\nSubject: {subj}\r\nDate: {date}\r\n\r\n{'x' * pad}\r\n".encode())
+    m.select("INBOX")
+
+    def order(criteria: str, *search: str) -> list[int]:
+        typ, data = m.sort(criteria, "UTF-8", *(search or ("ALL",)))
+        assert typ == "OK", data
+        return [int(x) for x in data[0].split()]
+
+    assert order("(SUBJECT)") == [2, 4, 1, 3]  # apple, APPLE (same base: by sequence), banana, cherry
+    assert order("(REVERSE SUBJECT)") == [3, 1, 2, 4]  # REVERSE does not reverse the tie-break
+    assert order("(FROM)") == [1, 2, 4, 3]  # alice, bob, dave, Eve
+    assert order("(DISPLAYFROM)") == [2, 4, 1, 3]  # bob@, dave@, Zed, Émile (octets)
+    assert order("(TO)") == [4, 3, 1, 2] and order("(DISPLAYTO)") == [2, 4, 3, 1]  # Abe before alice@
+    # DATE: the sent date, the internal date when unreadable (message 3: 03-Feb)
+    assert order("(DATE)") == [2, 4, 1, 3] and order("(REVERSE DATE)") == [3, 1, 4, 2]
+    assert order("(ARRIVAL)") == [1, 2, 3, 4] and order("(REVERSE SIZE)") == [1, 3, 4, 2]
+    assert order("(SUBJECT REVERSE ARRIVAL)") == [4, 2, 1, 3]
+    assert order("(SIZE)", "UNSEEN") == [3, 1] and order("(SIZE)", "SUBJECT", "nothing") == []
+    typ, data = m.uid("SORT", "(REVERSE ARRIVAL)", "US-ASCII", "ALL")
+    assert data == [b"4 3 2 1"]
+    # errors
+    for bad in (("()", "UTF-8", "ALL"), ("(NOSUCH)", "UTF-8", "ALL"), ("(SIZE REVERSE)", "UTF-8", "ALL"),
+                ("(REVERSE REVERSE SIZE)", "UTF-8", "ALL"), ("SIZE", "UTF-8", "ALL"), ("(SIZE)", "UTF-8")):
+        assert cmd(m, "SORT", *bad)[0] == "BAD", bad
+    typ, data = cmd(m, "SORT", "(SIZE)", "KOI8-R", "ALL")
+    assert typ == "NO" and b"BADCHARSET" in data[0]
+    m.logout()

@@ -4,12 +4,13 @@ Owns the pure functions imapcmds.py runs in a worker thread (no store, no reacto
 one message's FETCH items (flags, dates, sizes, ENVELOPE/BODYSTRUCTURE via mime.py with a
 cache by body hash, BODY[...] sections and partials byte-exact, BINARY[...] decoded) and
 evaluating a parsed SEARCH program against a message row and, when the keys need it, its
-parsed body.
+parsed body; and the SORT keys of a message (RFC 5256, with DISPLAYFROM/DISPLAYTO of RFC 5957).
 """
 from __future__ import annotations
 
 import email.header
 import email.utils
+import re
 import time
 from collections import OrderedDict
 
@@ -213,4 +214,77 @@ def search_chunk(key, items, blobs, max_seq, max_uid) -> list[tuple[int, int, in
         root = mime.parse(blobs[row.blob]) if blobs is not None else None
         if evaluate(key, seq, row, root, max_seq, max_uid):
             out.append((seq, row.uid, row.modseq))
+    return out
+
+
+# -- SORT (RFC 5256; DISPLAYFROM and DISPLAYTO from RFC 5957) ----------------------------------
+_BLOB = r"\[[^\[\]]*\][ \t]*"
+_LEADER = re.compile(r"^(?:[ \t]+|(?:%s)*(?:re|fwd?)[ \t]*(?:%s)?:)" % (_BLOB, _BLOB), re.I)
+_LEADING_BLOB = re.compile(r"^" + _BLOB)
+_TRAILER = re.compile(r"(?:[ \t]+|\(fwd\))$", re.I)
+
+
+def base_subject(subject: str) -> str:
+    """RFC 5256 2.1: the subject without Re:/Fwd: leaders, [blob]s, (fwd) trailers and [Fwd: ...]."""
+    s = " ".join(subject.split())
+    while True:
+        while (t := _TRAILER.sub("", s, count=1)) != s:
+            s = t
+        while True:
+            t = _LEADER.sub("", s, count=1)
+            if t == s:
+                m = _LEADING_BLOB.match(s)
+                if m and s[m.end():]:
+                    t = s[m.end():]
+            if t == s:
+                break
+            s = t
+        if s[:5].lower() == "[fwd:" and s.endswith("]"):
+            s = s[5:-1]
+            continue
+        return s
+
+
+def _decoded(root, name: str) -> str:
+    v = root.headers.get(name)
+    if v is None:
+        return ""
+    raw = mime._raw(v).decode("utf-8", "surrogateescape")
+    try:
+        return str(email.header.make_header(email.header.decode_header(raw)))
+    except Exception:  # noqa: BLE001 - undecodable words are taken as they are
+        return raw
+
+
+def _casemap(s: str) -> bytes:
+    """i;ascii-casemap: compare octets with ASCII letters folded."""
+    return s.encode("utf-8", "surrogateescape").upper()
+
+
+def _sort_value(name: str, row, root):
+    if name == "ARRIVAL":
+        return row.internal_date
+    if name == "SIZE":
+        return row.size
+    if name == "DATE":
+        try:
+            return email.utils.parsedate_to_datetime(_decoded(root, "date")).timestamp()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return row.internal_date
+    if name == "SUBJECT":
+        return _casemap(base_subject(_decoded(root, "subject")))
+    header = {"FROM": "from", "TO": "to", "CC": "cc", "DISPLAYFROM": "from", "DISPLAYTO": "to"}[name]
+    addrs = email.utils.getaddresses([_decoded(root, header)])
+    display, addr = addrs[0] if addrs else ("", "")
+    if name.startswith("DISPLAY"):
+        return _casemap(display or addr)
+    return _casemap(addr.rpartition("@")[0] if "@" in addr else addr)
+
+
+def sort_chunk(criteria: list[tuple[str, bool]], items, blobs) -> list[tuple[int, int, tuple]]:
+    """[(seq, uid, the message's value for each criterion)]."""
+    out = []
+    for seq, row in items:
+        root = mime.parse(blobs.get(row.blob, b"")) if blobs is not None else None
+        out.append((seq, row.uid, tuple(_sort_value(name, row, root) for name, _ in criteria)))
     return out
