@@ -2,7 +2,8 @@
 SEARCHRES (RFC 5182), LIST-EXTENDED (RFC 5258) with LIST-STATUS (RFC 5819) and the SPECIAL-USE
 options (RFC 6154), MULTIAPPEND (RFC 3502, all or nothing), RENAME INBOX (RFC 3501 6.3.5),
 AUTHENTICATE LOGIN beside PLAIN, with and without SASL-IR (RFC 4959), BINARY (RFC 3516),
-UTF8=ACCEPT (RFC 6855), QRESYNC (RFC 7162), COMPRESS=DEFLATE (RFC 4978), SORT (RFC 5256, 5957)."""
+UTF8=ACCEPT (RFC 6855), QRESYNC (RFC 7162), COMPRESS=DEFLATE (RFC 4978), SORT (RFC 5256, 5957), CREATE-SPECIAL-USE (RFC 6154), STATUS=SIZE
+(RFC 8438)."""
 from __future__ import annotations
 
 import base64
@@ -581,4 +582,23 @@ def test_sort(server, addr):
         assert cmd(m, "SORT", *bad)[0] == "BAD", bad
     typ, data = cmd(m, "SORT", "(SIZE)", "KOI8-R", "ALL")
     assert typ == "NO" and b"BADCHARSET" in data[0]
+    m.logout()
+
+
+def test_create_special_use_and_status_size(server, addr):
+    m = login(server, addr)
+    assert {"CREATE-SPECIAL-USE", "STATUS=SIZE"} <= set(m.capability()[1][0].decode().split())
+    assert cmd(m, "CREATE", "Outbox/Sent Items", "(USE (\\Sent))")[0] == "BAD"  # unquoted name with a space
+    assert cmd(m, "CREATE", '"Old Sent/Items"', "(USE (\\sent))")[0] == "OK"
+    assert m.list('""', '"Old Sent*"')[1] == [b'(\\HasChildren) "/" "Old Sent"',
+                                               b'(\\HasNoChildren \\Sent) "/" "Old Sent/Items"']
+    for params, code in (("(USE (\\All))", "NO"), ("(USE (\\Sent \\Junk))", "NO"), ("(USE ())", "NO"),
+                         ("(FOO (\\Sent))", "BAD"), ("(USE \\Sent)", "BAD")):
+        typ, data = cmd(m, "CREATE", "Nope", params)
+        assert typ == code, (params, typ, data)
+        assert code == "BAD" or b"[USEATTR]" in data[0]
+    assert m.list('""', "Nope")[1] == [None]  # nothing was made
+    m.append("INBOX", None, None, msg(1, 100))
+    typ, data = m.status("INBOX", "(SIZE MESSAGES)")
+    assert data == [b'"INBOX" (SIZE %d MESSAGES 1)' % len(msg(1, 100))]
     m.logout()

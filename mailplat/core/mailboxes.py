@@ -347,7 +347,10 @@ def list_folders_sync(mbid: int) -> list[FolderInfo]:
     return rows
 
 
-def create_folder_sync(mbid: int, name: str) -> None:
+def create_folder_sync(mbid: int, name: str, special_use: str = "") -> None:
+    """Create a folder (and its missing parents); `special_use` marks the folder itself."""
+    if special_use and special_use not in {use for _, use in SPECIAL_FOLDERS}:
+        raise InputError(f"Unsupported special use {special_use[:40]!r}")
     if MailFolder.select().where(MailFolder.mailbox == mbid).count() >= MAX_FOLDERS:
         raise InputError("Too many folders")
     parts = name.split("/")
@@ -358,7 +361,8 @@ def create_folder_sync(mbid: int, name: str) -> None:
             if i == len(parts):
                 raise Conflict("Mailbox already exists")
             continue
-        MailFolder.create(mailbox=mbid, name=sub, uidvalidity=_uidvalidity())
+        MailFolder.create(mailbox=mbid, name=sub, uidvalidity=_uidvalidity(),
+                          special_use=special_use if i == len(parts) else "")
 
 
 def delete_folder_sync(mbid: int, name: str) -> int:

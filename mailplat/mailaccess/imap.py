@@ -205,7 +205,8 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
             caps += [b"NAMESPACE", b"UIDPLUS", b"MOVE", b"SPECIAL-USE", b"UNSELECT", b"CHILDREN",
                      b"CONDSTORE", b"QUOTA", b"APPENDLIMIT=%d" % APPENDLIMIT, b"ESEARCH", b"SEARCHRES",
                      b"LIST-EXTENDED", b"LIST-STATUS", b"MULTIAPPEND", b"BINARY",
-                     b"UTF8=ACCEPT", b"QRESYNC", b"COMPRESS=DEFLATE", b"SORT", b"SORT=DISPLAY"]
+                     b"UTF8=ACCEPT", b"QRESYNC", b"COMPRESS=DEFLATE", b"SORT", b"SORT=DISPLAY",
+                     b"CREATE-SPECIAL-USE", b"STATUS=SIZE"]
         return b" ".join(caps)
 
     # -- framing ---------------------------------------------------------------------------------

@@ -415,10 +415,22 @@ class Commands:
             raise No(b"[CANNOT] " + exc.message.encode("utf-8", "replace")) from None
 
     async def c_create(self, tag, args):
-        if len(args) != 1:
+        """CREATE name [(USE (attribute))] (CREATE-SPECIAL-USE, RFC 6154: one of ours per folder)."""
+        if len(args) not in (1, 2):
             raise Bad(b"CREATE needs a mailbox name")
+        use = ""
+        if len(args) == 2:
+            opts = args[1]
+            if not (isinstance(opts, list) and len(opts) == 2 and isinstance(opts[0], Atom)
+                    and opts[0].upper() == b"USE" and isinstance(opts[1], list)):
+                raise Bad(b"Unknown CREATE parameter")
+            if len(opts[1]) != 1 or not isinstance(opts[1][0], Atom):
+                raise No(b"[USEATTR] One special-use attribute per mailbox")
+            use = next((u for _, u in mailboxes.SPECIAL_FOLDERS if u.upper() == opts[1][0].decode("ascii").upper()), "")
+            if not use:
+                raise No(b"[USEATTR] Unsupported special-use attribute")
         raw = astring(args[0]).rstrip(b"/")
-        await self._folder_write(mailboxes.create_folder_sync, folder_arg(Literal(raw), self.utf8))
+        await self._folder_write(mailboxes.create_folder_sync, folder_arg(Literal(raw), self.utf8), use)
         return b"CREATE completed"
 
     async def c_delete(self, tag, args):
