@@ -3,7 +3,7 @@ SEARCHRES (RFC 5182), LIST-EXTENDED (RFC 5258) with LIST-STATUS (RFC 5819) and t
 options (RFC 6154), MULTIAPPEND (RFC 3502, all or nothing), RENAME INBOX (RFC 3501 6.3.5),
 AUTHENTICATE LOGIN beside PLAIN, with and without SASL-IR (RFC 4959), BINARY (RFC 3516),
 UTF8=ACCEPT (RFC 6855), QRESYNC (RFC 7162), COMPRESS=DEFLATE (RFC 4978), SORT (RFC 5256, 5957), CREATE-SPECIAL-USE (RFC 6154), STATUS=SIZE
-(RFC 8438)."""
+(RFC 8438), WITHIN (RFC 5032)."""
 from __future__ import annotations
 
 import base64
@@ -601,4 +601,18 @@ def test_create_special_use_and_status_size(server, addr):
     m.append("INBOX", None, None, msg(1, 100))
     typ, data = m.status("INBOX", "(SIZE MESSAGES)")
     assert data == [b'"INBOX" (SIZE %d MESSAGES 1)' % len(msg(1, 100))]
+    m.logout()
+
+
+def test_within(server, addr):
+    m = login(server, addr)
+    assert "WITHIN" in m.capability()[1][0].decode().split()
+    m.append("INBOX", None, '"01-Jan-2020 00:00:00 +0000"', msg(1))  # long ago
+    m.append("INBOX", None, None, msg(2))  # now
+    m.select("INBOX")
+    assert m.search(None, "YOUNGER", "3600")[1] == [b"2"]
+    assert m.search(None, "OLDER", "3600")[1] == [b"1"]
+    assert m.search(None, "OR", "OLDER", "3600", "YOUNGER", "60")[1] == [b"1 2"]
+    assert cmd(m, "SEARCH", "OLDER", "soon")[0] == "BAD"
+    assert cmd(m, "SEARCH", "YOUNGER")[0] == "BAD"
     m.logout()

@@ -188,6 +188,10 @@ def evaluate(key, seq: int, row, root, max_seq: int, max_uid: int) -> bool:
         return _contains(root.body_bytes, key[1])
     if op == "TEXT":
         return _contains(root.raw, key[1])
+    if op == "OLDER":  # WITHIN (RFC 5032): seconds before now, by internal date
+        return row.internal_date < time.time() - key[1]
+    if op == "YOUNGER":
+        return row.internal_date >= time.time() - key[1]
     return False
 
 
