@@ -2,8 +2,8 @@
 SEARCHRES (RFC 5182), LIST-EXTENDED (RFC 5258) with LIST-STATUS (RFC 5819) and the SPECIAL-USE
 options (RFC 6154), MULTIAPPEND (RFC 3502, all or nothing), RENAME INBOX (RFC 3501 6.3.5),
 AUTHENTICATE LOGIN beside PLAIN, with and without SASL-IR (RFC 4959), BINARY (RFC 3516),
-UTF8=ACCEPT (RFC 6855), QRESYNC (RFC 7162), COMPRESS=DEFLATE (RFC 4978), SORT (RFC 5256, 5957), CREATE-SPECIAL-USE (RFC 6154), STATUS=SIZE
-(RFC 8438), WITHIN (RFC 5032)."""
+UTF8=ACCEPT (RFC 6855), QRESYNC (RFC 7162), COMPRESS=DEFLATE (RFC 4978), SORT (RFC 5256, 5957),
+CREATE-SPECIAL-USE (RFC 6154), STATUS=SIZE (RFC 8438), WITHIN (RFC 5032), THREAD (RFC 5256)."""
 from __future__ import annotations
 
 import base64
@@ -615,4 +615,53 @@ def test_within(server, addr):
     assert m.search(None, "OR", "OLDER", "3600", "YOUNGER", "60")[1] == [b"1 2"]
     assert cmd(m, "SEARCH", "OLDER", "soon")[0] == "BAD"
     assert cmd(m, "SEARCH", "YOUNGER")[0] == "BAD"
+    m.logout()
+
+
+def test_thread(server, addr):
+    m = login(server, addr)
+    assert {"THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES"} <= set(m.capability()[1][0].decode().split())
+    messages = [  # (Message-ID, reference headers, Subject, day of January 2022)
+        ("a", "", "hello", "01 Jan 2022 00:00"),
+        ("b", "References: <a@x>", "Re: hello", "02 Jan 2022 00:00"),
+        ("c", "In-Reply-To: <a@x>", "Re: hello", "03 Jan 2022 00:00"),
+        ("d", "References: <a@x> <b@x>", "Re: hello", "04 Jan 2022 00:00"),
+        ("e", "", "other", "01 Jan 2022 12:00"),
+        ("f", "References: <missing@x>", "Re: other", "05 Jan 2022 00:00"),  # joins "other" by subject
+        ("g", "References: <zz@x>", "lonely", "06 Jan 2022 00:00"),  # two children of an unknown parent
+        ("h", "References: <zz@x>", "Re: lonely", "07 Jan 2022 00:00"),
+    ]
+    for mid, refs, subj, date in messages:
+        head = f"Message-ID: <{mid}@x>\r\n" + (refs + "\r\n" if refs else "")
+        m.append("INBOX", None, None, f"{head}Subject: {subj}\r\nDate: Sat, {date}:00 +0000\r\n\r\nx\r\n".encode())
+    m.select("INBOX")
+
+    def thread(algorithm: str, *search: str) -> bytes:
+        typ, data = m.thread(algorithm, "UTF-8", *(search or ("ALL",)))
+        assert typ == "OK", data
+        return data[0]
+
+    assert thread("REFERENCES") == b"(1 (2 4)(3))(5 6)((7)(8))"
+    assert thread("ORDEREDSUBJECT") == b"(1 (2)(3)(4))(5 6)(7 8)"
+    # without a: its empty slot holds b and c, dated by b, so after e
+    assert thread("REFERENCES", "NOT", "UID", "1") == b"(5 6)((2 4)(3))((7)(8))"
+    assert thread("ORDEREDSUBJECT", "SUBJECT", "nothing") in (b"", None)
+    typ, data = m.uid("THREAD", "REFERENCES", "UTF-8", "UID", "5:*")
+    assert data == [b"(5 6)((7)(8))"]
+    # a reply chain longer than Python's recursion limit is no problem (MULTIAPPEND to file it)
+    raw = raw_login(server, addr)
+    prev = "h"
+    for batch in range(8):
+        parts = []
+        for i in range(batch * 150, batch * 150 + 150):
+            body = f"Message-ID: <r{i}@x>\r\nReferences: <{prev}@x>\r\nSubject: Re: lonely\r\n\r\nx\r\n".encode()
+            parts.append(b"{%d+}\r\n%s" % (len(body), body))
+            prev = f"r{i}"
+        assert raw.cmd(b"a", b"APPEND INBOX " + b" ".join(parts))[-1].startswith(b"a OK")
+    raw.close()
+    m.noop()
+    assert thread("REFERENCES", "UID", "7:*").startswith(b"((7)(8 9 10 11")
+    for bad in (("NOSUCH", "UTF-8", "ALL"), ("REFERENCES", "UTF-8"), ("(REFERENCES)", "UTF-8", "ALL")):
+        assert cmd(m, "THREAD", *bad)[0] == "BAD", bad
+    assert cmd(m, "THREAD", "REFERENCES", "KOI8-R", "ALL")[0] == "NO"
     m.logout()

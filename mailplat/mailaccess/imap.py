@@ -206,7 +206,8 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
                      b"CONDSTORE", b"QUOTA", b"APPENDLIMIT=%d" % APPENDLIMIT, b"ESEARCH", b"SEARCHRES",
                      b"LIST-EXTENDED", b"LIST-STATUS", b"MULTIAPPEND", b"BINARY",
                      b"UTF8=ACCEPT", b"QRESYNC", b"COMPRESS=DEFLATE", b"SORT", b"SORT=DISPLAY",
-                     b"CREATE-SPECIAL-USE", b"STATUS=SIZE", b"WITHIN"]
+                     b"CREATE-SPECIAL-USE", b"STATUS=SIZE", b"WITHIN",
+                     b"THREAD=ORDEREDSUBJECT", b"THREAD=REFERENCES"]
         return b" ".join(caps)
 
     # -- framing ---------------------------------------------------------------------------------

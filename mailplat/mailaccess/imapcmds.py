@@ -4,7 +4,7 @@ APPEND, CLOSE/UNSELECT, and keeping a session's view (sequence numbers) in step 
 Owns the protocol side of every mailbox command (arguments, responses, UIDPLUS/MOVE/CONDSTORE
 response codes, QRESYNC's VANISHED and resynchronising SELECT, ESEARCH answers and the SEARCHRES
 "$" kept per selected mailbox, LIST-EXTENDED selection and return options with LIST-STATUS,
-MULTIAPPEND, BINARY literal8, UTF-8 mailbox names after UTF8=ACCEPT, SORT); core.mailboxes decides
+MULTIAPPEND, BINARY literal8, UTF-8 mailbox names after UTF8=ACCEPT, SORT, THREAD); core.mailboxes decides
 and stores.  Store calls run in the store's threads; MIME parsing and SEARCH over bodies run in
 a worker thread, in chunks, so the reactor stays responsive and memory stays bounded.  Mixed
 into imap.IMAPServer.
@@ -20,7 +20,8 @@ import time
 from ..core import mailboxes
 from ..errors import Conflict, InputError, NotFound
 from . import mime
-from .imaprender import _flags_bytes, _needs_content, render_fetch, search_chunk, sort_chunk, structure_cached
+from .imaprender import (_flags_bytes, _needs_content, render_fetch, render_threads, search_chunk, sort_chunk,
+                         structure_cached, thread_chunk, thread_orderedsubject, thread_references)
 from .imapparse import (Atom, Literal, ParseError, SeqSet, astring, fetch_items, mutf7_decode,
                         mutf7_encode, number, search_keys, seqset)
 
@@ -844,24 +845,44 @@ class Commands:
         if astring(args[1]).upper() not in (b"UTF-8", b"US-ASCII"):
             raise No(b"[BADCHARSET (UTF-8 US-ASCII)] Unsupported charset")
         found, _ = await self._search(list(args[2:]), uid)
-        sel = self.sel
-        rows = await self.ctx.store.read(mailboxes.message_rows_sync, sel.folder_id, [u for _, u, _ in found])
-        by_uid = {r.uid: r for r in rows}
-        items = [(s, by_uid[u]) for s, u, _ in found if u in by_uid]
         content = any(name not in ("ARRIVAL", "SIZE") for name, _ in criteria)
-        step = CHUNK if content else 100_000
-        keyed: list = []
-        for i in range(0, len(items), step):
-            chunk = items[i:i + step]
-            blobs = None
-            if content:
-                blobs = await self.ctx.store.read(mailboxes.blob_bytes_sync, list({r.blob for _, r in chunk}))
-            keyed += await asyncio.to_thread(sort_chunk, criteria, chunk, blobs)
+        keyed = await self._per_message(found, content, lambda chunk, blobs: sort_chunk(criteria, chunk, blobs))
         # stable sorts, last criterion first; the sequence number breaks the remaining ties
         for n in range(len(criteria) - 1, -1, -1):
             keyed.sort(key=lambda k, n=n: k[2][n], reverse=criteria[n][1])
         self.send(b"* SORT" + b"".join(b" %d" % (u if uid else s) for s, u, _ in keyed))
         return b"SORT completed"
+
+    async def c_thread(self, tag, args, uid=False):
+        """THREAD ORDEREDSUBJECT|REFERENCES charset search-keys (RFC 5256)."""
+        if len(args) < 3 or not isinstance(args[0], Atom):
+            raise Bad(b"THREAD needs an algorithm, a charset and search keys")
+        build = {b"ORDEREDSUBJECT": thread_orderedsubject, b"REFERENCES": thread_references}.get(args[0].upper())
+        if build is None:
+            raise Bad(b"Unknown THREAD algorithm")
+        if astring(args[1]).upper() not in (b"UTF-8", b"US-ASCII"):
+            raise No(b"[BADCHARSET (UTF-8 US-ASCII)] Unsupported charset")
+        found, _ = await self._search(list(args[2:]), uid)
+        msgs = await self._per_message(found, True, thread_chunk)
+        self.send(render_threads(await asyncio.to_thread(build, msgs), uid))
+        return b"THREAD completed"
+
+    async def _per_message(self, found: list, content: bool, fn) -> list:
+        """fn(chunk, blobs) over the found messages, in a worker thread, chunk by chunk, with
+        their bodies when `content` (blobs is None otherwise)."""
+        sel = self.sel
+        rows = await self.ctx.store.read(mailboxes.message_rows_sync, sel.folder_id, [u for _, u, _ in found])
+        by_uid = {r.uid: r for r in rows}
+        items = [(s, by_uid[u]) for s, u, _ in found if u in by_uid]
+        step = CHUNK if content else 100_000
+        out: list = []
+        for i in range(0, len(items), step):
+            chunk = items[i:i + step]
+            blobs = None
+            if content:
+                blobs = await self.ctx.store.read(mailboxes.blob_bytes_sync, list({r.blob for _, r in chunk}))
+            out += await asyncio.to_thread(fn, chunk, blobs)
+        return out
 
     async def c_copy(self, tag, args, uid=False, move=False):
         sel = self.sel
@@ -964,7 +985,7 @@ class Commands:
         if not args or not isinstance(args[0], Atom):
             raise Bad(b"UID needs a command")
         sub = args[0].upper()
-        if sub not in (b"FETCH", b"STORE", b"SEARCH", b"SORT", b"COPY", b"MOVE", b"EXPUNGE"):
+        if sub not in (b"FETCH", b"STORE", b"SEARCH", b"SORT", b"THREAD", b"COPY", b"MOVE", b"EXPUNGE"):
             raise Bad(b"Unknown UID command")
         fn = getattr(self, "c_" + sub.decode().lower())
         return await fn(tag, args[1:], uid=True)
@@ -980,7 +1001,7 @@ _STATES = {
     b"RENAME": AUTH, b"SUBSCRIBE": AUTH, b"UNSUBSCRIBE": AUTH, b"LIST": AUTH, b"LSUB": AUTH,
     b"STATUS": AUTH, b"SELECT": AUTH, b"EXAMINE": AUTH, b"APPEND": AUTH,
     b"CLOSE": SEL, b"UNSELECT": SEL, b"CHECK": SEL, b"EXPUNGE": SEL, b"FETCH": SEL,
-    b"STORE": SEL, b"SEARCH": SEL, b"SORT": SEL, b"COPY": SEL, b"MOVE": SEL, b"UID": SEL,
+    b"STORE": SEL, b"SEARCH": SEL, b"SORT": SEL, b"THREAD": SEL, b"COPY": SEL, b"MOVE": SEL, b"UID": SEL,
     b"GETQUOTAROOT": AUTH, b"GETQUOTA": AUTH, b"SETQUOTA": AUTH, b"COMPRESS": AUTH,
 }
 

@@ -4,7 +4,8 @@ Owns the pure functions imapcmds.py runs in a worker thread (no store, no reacto
 one message's FETCH items (flags, dates, sizes, ENVELOPE/BODYSTRUCTURE via mime.py with a
 cache by body hash, BODY[...] sections and partials byte-exact, BINARY[...] decoded) and
 evaluating a parsed SEARCH program against a message row and, when the keys need it, its
-parsed body; and the SORT keys of a message (RFC 5256, with DISPLAYFROM/DISPLAYTO of RFC 5957).
+parsed body; the SORT keys of a message (RFC 5256, with DISPLAYFROM/DISPLAYTO of RFC 5957) and
+the THREAD trees (ORDEREDSUBJECT and REFERENCES, RFC 5256).
 """
 from __future__ import annotations
 
@@ -292,3 +293,189 @@ def sort_chunk(criteria: list[tuple[str, bool]], items, blobs) -> list[tuple[int
         root = mime.parse(blobs.get(row.blob, b"")) if blobs is not None else None
         out.append((seq, row.uid, tuple(_sort_value(name, row, root) for name, _ in criteria)))
     return out
+
+
+# -- THREAD (RFC 5256) ----------------------------------------------------------------------------
+_MSGID = re.compile(r"<([^<>\s]+)>")
+
+
+class ThreadMsg:
+    __slots__ = ("seq", "uid", "date", "subject", "reply", "msgid", "refs")
+
+    def __init__(self, seq: int, row, root):
+        raw_subject = " ".join(_decoded(root, "subject").split())
+        base = base_subject(raw_subject)
+        self.seq, self.uid = seq, row.uid
+        self.date = _sort_value("DATE", row, root)
+        self.subject = _casemap(base)
+        self.reply = base != raw_subject  # a Re:/Fwd: leader or (fwd) trailer came off
+        ids = _MSGID.findall(_decoded(root, "message-id"))
+        self.msgid = ids[0] if ids else None
+        self.refs = _MSGID.findall(_decoded(root, "references"))
+        if not self.refs:
+            self.refs = _MSGID.findall(_decoded(root, "in-reply-to"))[:1]
+
+
+def thread_chunk(items, blobs) -> list[ThreadMsg]:
+    return [ThreadMsg(seq, row, mime.parse(blobs.get(row.blob, b""))) for seq, row in items]
+
+
+class _Node:
+    __slots__ = ("msg", "parent", "children")
+
+    def __init__(self, msg=None):
+        self.msg, self.parent, self.children = msg, None, []
+
+    def key(self):
+        m = self.msg if self.msg is not None else (self.children[0].key() if self.children else None)
+        return (m.date, m.seq) if isinstance(m, ThreadMsg) else m
+
+    def adopt(self, child: "_Node") -> None:
+        if child.parent is not None:
+            child.parent.children.remove(child)
+        child.parent = self
+        self.children.append(child)
+
+
+def _is_ancestor(a: _Node, b: _Node | None) -> bool:
+    """`a` is `b` or above it (a walk up from `b`, skipped when `a` has no children)."""
+    if not a.children:
+        return a is b
+    while b is not None:
+        if b is a:
+            return True
+        b = b.parent
+    return False
+
+
+def _below(roots: list[_Node]) -> list[_Node]:
+    """Every node under `roots`, parents before children (no recursion: reply chains are long)."""
+    out, stack = [], list(roots)
+    while stack:
+        n = stack.pop()
+        out.append(n)
+        stack.extend(n.children)
+    return out
+
+
+def _sort_tree(roots: list[_Node]) -> list[_Node]:
+    """Siblings by sent date (an empty container by its first child's), then sequence number."""
+    for n in reversed(_below(roots)):
+        n.children.sort(key=_Node.key)
+    return sorted(roots, key=_Node.key)
+
+
+def thread_orderedsubject(msgs: list[ThreadMsg]) -> list[_Node]:
+    """Threads of one base subject each: the earliest message the parent of all the others."""
+    groups: dict[bytes, list[ThreadMsg]] = {}
+    for m in sorted(msgs, key=lambda m: (m.date, m.seq)):
+        groups.setdefault(m.subject, []).append(m)
+    roots = []
+    for group in groups.values():
+        root = _Node(group[0])
+        for m in group[1:]:
+            root.adopt(_Node(m))
+        roots.append(root)
+    return sorted(roots, key=_Node.key)
+
+
+def thread_references(msgs: list[ThreadMsg]) -> list[_Node]:
+    """RFC 5256 REFERENCES: links from Message-ID/References/In-Reply-To, empty containers
+    pruned, then root threads of one base subject gathered together."""
+    table: dict = {}
+    order: list[_Node] = []
+
+    def node(mid) -> _Node:
+        n = table.get(mid)
+        if n is None:
+            n = table[mid] = _Node()
+            order.append(n)
+        return n
+
+    for m in sorted(msgs, key=lambda m: m.seq):
+        mid = m.msgid
+        if mid is None or (mid in table and table[mid].msg is not None):
+            mid = ("unique", m.seq)  # no Message-ID, or a duplicate: a container of its own
+        this = node(mid)
+        this.msg = m
+        prev = None
+        for ref in m.refs:
+            cur = node(ref)
+            if prev is not None and cur.parent is None and not _is_ancestor(cur, prev):
+                prev.adopt(cur)
+            prev = cur
+        if this.parent is not None:
+            this.parent.children.remove(this)
+            this.parent = None
+        if prev is not None and not _is_ancestor(this, prev):
+            prev.adopt(this)
+
+    # empty containers give way to their children, except at the top with several children
+    tops = [n for n in order if n.parent is None]
+    for n in reversed(_below(tops)):
+        kids = []
+        for c in n.children:
+            kids += [c] if c.msg is not None else c.children
+        n.children = kids
+        for c in kids:
+            c.parent = n
+    roots = []
+    for n in tops:
+        roots += [n] if n.msg is not None or len(n.children) > 1 else n.children
+    for r in roots:
+        r.parent = None
+    roots = _sort_tree(roots)
+
+    def first(n: _Node) -> ThreadMsg:
+        return n.msg if n.msg is not None else n.children[0].msg
+
+    by_subject: dict[bytes, _Node] = {}
+    for r in roots:
+        subj = first(r).subject
+        if not subj:
+            continue
+        old = by_subject.get(subj)
+        if old is None or (r.msg is None and old.msg is not None) or \
+                (old.msg is not None and r.msg is not None and old.msg.reply and not r.msg.reply):
+            by_subject[subj] = r
+    merged: list[_Node] = []
+    for r in roots:
+        subj = first(r).subject
+        keep = by_subject.get(subj) if subj else None
+        if keep is None or keep is r:
+            merged.append(r)
+            continue
+        if keep.msg is None and r.msg is None:
+            for c in list(r.children):
+                keep.adopt(c)
+        elif keep.msg is None:
+            keep.adopt(r)
+        elif r.msg is not None and r.msg.reply and not keep.msg.reply:
+            keep.adopt(r)
+        else:  # both replies or neither: siblings under a new empty container
+            dummy = _Node()
+            if keep in merged:
+                merged[merged.index(keep)] = dummy
+            else:
+                roots[roots.index(keep)] = dummy
+            dummy.adopt(keep)
+            dummy.adopt(r)
+            by_subject[subj] = dummy
+    return _sort_tree(merged)
+
+
+def render_threads(roots: list[_Node], uid: bool) -> bytes:
+    """* THREAD (2)(3 6 (4 23)(44 7 96)) ..."""
+    def members(n: _Node) -> bytes:
+        parts = []
+        while True:
+            if n.msg is not None:
+                parts.append(b"%d" % (n.msg.uid if uid else n.msg.seq))
+            if len(n.children) == 1:
+                n = n.children[0]
+                continue
+            if n.children:
+                parts.append(b"".join(b"(" + members(c) + b")" for c in n.children))
+            return b" ".join(parts)
+
+    return b"* THREAD" + (b" " if roots else b"") + b"".join(b"(" + members(r) + b")" for r in roots)
