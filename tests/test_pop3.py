@@ -1,8 +1,9 @@
 """POP3 over real sockets with poplib (plain in dev mode, STLS, implicit TLS on 995), the
-no-password-before-TLS rule, every command, deletions only at QUIT and in one go, and
-fetchmail pulling byte-exact copies."""
+no-password-before-TLS rule, every command, AUTH PLAIN (RFC 5034), deletions only at QUIT and
+in one go, and fetchmail pulling byte-exact copies."""
 from __future__ import annotations
 
+import base64
 import imaplib
 import poplib
 import shutil
@@ -70,6 +71,49 @@ def test_no_password_before_tls_then_stls_and_995(strict):
     s.pass_(PASSWORD)
     assert s.stat()[0] == 1
     s.quit()
+
+
+def _plain(user: str, password: str) -> str:
+    return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+def test_auth_plain_only_after_tls(strict):
+    addr = new_mailbox(strict, MSGS[:1])
+    p = poplib.POP3("127.0.0.1", strict.ports["pop3"], timeout=30)
+    assert "SASL" not in p.capa()
+    with pytest.raises(poplib.error_proto, match="STLS"):
+        p._shortcmd("AUTH PLAIN " + _plain(addr, PASSWORD))
+    p.stls(_ctx(strict))
+    assert p.capa()["SASL"] == ["PLAIN"]
+    assert p._shortcmd("AUTH PLAIN " + _plain(addr, PASSWORD)).startswith(b"+OK")
+    assert p.stat()[0] == 1 and "SASL" not in p.capa()
+    p.quit()
+
+
+def test_auth_plain(server):
+    addr = new_mailbox(server, MSGS[:2])
+    p = poplib.POP3("127.0.0.1", server.ports["pop3"], timeout=30)
+    assert p.capa()["SASL"] == ["PLAIN"]  # dev mode on loopback, as USER/PASS
+    for bad, why in ((_plain(addr, "wrong password"), "AUTH"), ("%%%", "Invalid"),
+                     (base64.b64encode(b"no-nul-here").decode(), "Invalid"), ("=", "Invalid")):
+        with pytest.raises(poplib.error_proto, match=why):
+            p._shortcmd("AUTH PLAIN " + bad)
+    for line in ("AUTH LOGIN", "AUTH", "AUTH PLAIN a b"):
+        with pytest.raises(poplib.error_proto, match="Unsupported"):
+            p._shortcmd(line)
+    p._putcmd("AUTH PLAIN")  # no initial response: an empty challenge, then "*" cancels
+    assert p._getline()[0] == b"+ "
+    with pytest.raises(poplib.error_proto, match="cancelled"):
+        p._shortcmd("*")
+    with pytest.raises(poplib.error_proto):
+        p.stat()  # still not logged in
+    p._putcmd("AUTH PLAIN")
+    assert p._getline()[0] == b"+ "
+    assert p._shortcmd(_plain(addr, PASSWORD)).startswith(b"+OK Logged in, 2 messages")
+    assert p.stat() == (2, len(MSGS[0]) + len(MSGS[1]))
+    with pytest.raises(poplib.error_proto, match="Already"):
+        p._shortcmd("AUTH PLAIN " + _plain(addr, PASSWORD))
+    p.quit()
 
 
 def test_stls_drops_pipelined_plaintext(strict):

@@ -83,7 +83,7 @@ def test_core_full_mailbox_defers_delivery_and_append(db_url, tmp_path):
         await mailboxes.create_mailbox(ctx, "small.test", "tiny", PASSWORD)
         mbid = await ctx.store.read(mailboxes.account_id_sync, "tiny@small.test")
         with pytest.raises(mailboxes.OverQuota):
-            await ctx.store.write(mailboxes.append_sync, mbid, "INBOX", b"x" * 2000, [], 0.0)
+            await ctx.store.write(mailboxes.append_sync, mbid, "INBOX", [(b"x" * 2000, [], 0.0)])
         await receive.accept(ctx, "s@far.test", ["tiny@small.test"], b"Subject: big\r\n\r\n" + b"y" * 2000, "192.0.2.1")
         await receive.accept(ctx, "s@far.test", ["tiny@small.test"], b"Subject: ok\r\n\r\nsmall\r\n", "192.0.2.1")
         await receive.deliver_due(ctx)

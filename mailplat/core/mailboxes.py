@@ -347,7 +347,10 @@ def list_folders_sync(mbid: int) -> list[FolderInfo]:
     return rows
 
 
-def create_folder_sync(mbid: int, name: str) -> None:
+def create_folder_sync(mbid: int, name: str, special_use: str = "") -> None:
+    """Create a folder (and its missing parents); `special_use` marks the folder itself."""
+    if special_use and special_use not in {use for _, use in SPECIAL_FOLDERS}:
+        raise InputError(f"Unsupported special use {special_use[:40]!r}")
     if MailFolder.select().where(MailFolder.mailbox == mbid).count() >= MAX_FOLDERS:
         raise InputError("Too many folders")
     parts = name.split("/")
@@ -358,7 +361,8 @@ def create_folder_sync(mbid: int, name: str) -> None:
             if i == len(parts):
                 raise Conflict("Mailbox already exists")
             continue
-        MailFolder.create(mailbox=mbid, name=sub, uidvalidity=_uidvalidity())
+        MailFolder.create(mailbox=mbid, name=sub, uidvalidity=_uidvalidity(),
+                          special_use=special_use if i == len(parts) else "")
 
 
 def delete_folder_sync(mbid: int, name: str) -> int:
@@ -374,9 +378,14 @@ def delete_folder_sync(mbid: int, name: str) -> int:
     return f.id
 
 
-def rename_folder_sync(mbid: int, old: str, new: str) -> None:
-    if old == "INBOX" or new == "INBOX":
-        raise InputError("INBOX cannot be renamed, nor anything renamed to INBOX")
+def rename_folder_sync(mbid: int, old: str, new: str) -> int | None:
+    """Rename a folder and those under it.  INBOX is special (RFC 3501): its messages move to a
+    new folder `new` and INBOX stays, empty, its folders under it untouched; then the INBOX id
+    is returned, for sessions to hear of the expunges."""
+    if new == "INBOX":
+        raise InputError("Nothing can be renamed to INBOX")
+    if old == "INBOX":
+        return _rename_inbox_sync(mbid, new)
     f = _folder(mbid, old)
     if MailFolder.select().where((MailFolder.mailbox == mbid) & (MailFolder.name == new)).exists():
         raise Conflict("Mailbox already exists")
@@ -389,6 +398,19 @@ def rename_folder_sync(mbid: int, old: str, new: str) -> None:
     for k in kids:
         k.name = new + k.name[len(old):]
         k.save()
+    return None
+
+
+def _rename_inbox_sync(mbid: int, new: str) -> int:
+    inbox = _folder(mbid, "INBOX")
+    create_folder_sync(mbid, new)
+    dest = _folder(mbid, new)
+    # the messages keep their UIDs: the new folder has its own UIDVALIDITY and INBOX's UIDNEXT
+    MailFolder.update(uidnext=inbox.uidnext).where(MailFolder.id == dest.id).execute()
+    _, modseq = _bump(dest)
+    MailMessage.update(folder=dest.id, modseq=modseq).where(MailMessage.folder == inbox.id).execute()
+    _bump(inbox)
+    return inbox.id
 
 
 def subscribe_sync(mbid: int, name: str, on: bool) -> None:
@@ -513,18 +535,16 @@ def _charge(mbid: int, size: int, enforce: bool = True) -> None:
     Mailbox.update(size_bytes=Mailbox.size_bytes + size).where(Mailbox.id == mbid).execute()
 
 
-def append_sync(mbid: int, name: str, data: bytes | None, flags: list[str], date: float,
-                sha: str | None = None, size: int | None = None) -> tuple[int, int, int]:
-    """File a message; returns (folder id, uidvalidity, uid)."""
+def append_sync(mbid: int, name: str, messages: list[tuple[bytes, list[str], float]]) -> tuple[int, int, list[int]]:
+    """File messages (data, flags, internal date) into a folder, all or none (IMAP APPEND and
+    MULTIAPPEND); returns (folder id, uidvalidity, their UIDs)."""
     f = _folder(mbid, name)
-    if sha is None:
-        sha = put_blob_sync(data)
-        size = len(data)
-    _charge(mbid, size)
-    uid, modseq = _bump(f, 1)
-    MailMessage.create(folder=f.id, uid=uid, blob=sha, size=size, internal_date=date,
-                       flags=" ".join(flags), modseq=modseq)
-    return f.id, f.uidvalidity, uid
+    _charge(mbid, sum(len(data) for data, _, _ in messages))
+    first, modseq = _bump(f, len(messages))
+    for uid, (data, flags, date) in enumerate(messages, first):
+        MailMessage.create(folder=f.id, uid=uid, blob=put_blob_sync(data), size=len(data), internal_date=date,
+                           flags=" ".join(flags), modseq=modseq)
+    return f.id, f.uidvalidity, list(range(first, first + len(messages)))
 
 
 class InboxBatch:

@@ -1,14 +1,15 @@
 """The IMAP4rev1 server protocol (Twisted, on the asyncio reactor): framing, states, login.
 
 Owns: reading commands safely (lines capped at 64 KB; literals checked before any `+` is sent:
-negative, non-numeric or oversized sizes are refused at once, APPEND over APPENDLIMIT gets
-`NO [TOOBIG]`, LITERAL+ honoured, literal bytes spooled with a cap; nesting capped by the
-tokenizer), one command at a time per session (reading pauses while a command runs, which is
-also the back-pressure), STARTTLS with buffered plaintext dropped, LOGINDISABLED before TLS
-(loopback excepted in dev mode), LOGIN and AUTHENTICATE PLAIN through realm.login, and the
-non-mailbox commands (CAPABILITY, NOOP, LOGOUT, ID, ENABLE, NAMESPACE).  Mailbox commands live
-in imapcmds.py; meaning lives in core.mailboxes; store calls run in threads via the store's
-async API, so the reactor never blocks.
+negative, non-numeric or oversized sizes are refused at once, APPEND over APPENDLIMIT (or a
+MULTIAPPEND over MULTIAPPEND_LIMIT in all) gets `NO [TOOBIG]`, LITERAL+ honoured, literal bytes
+spooled with a cap; nesting capped by the tokenizer), one command at a time per session
+(reading pauses while a command runs, which is also the back-pressure), STARTTLS with buffered
+plaintext dropped, COMPRESS=DEFLATE (inflating in bounded steps), LOGINDISABLED before TLS
+(loopback excepted in dev mode), LOGIN and AUTHENTICATE PLAIN or LOGIN through realm.login,
+and the non-mailbox commands (CAPABILITY, NOOP, LOGOUT, ID, ENABLE, NAMESPACE, COMPRESS).
+Mailbox commands live in imapcmds.py; meaning lives in core.mailboxes; store calls run in
+threads via the store's async API, so the reactor never blocks.
 
 Built on Twisted's LineReceiver, transports and TLS rather than twisted.mail.imap4.IMAP4Server:
 that class calls its mailbox synchronously in many places (CREATE/DELETE/RENAME, FETCH message
@@ -23,6 +24,7 @@ import base64
 import re
 import tempfile
 import time
+import zlib
 
 from twisted.internet import protocol
 from twisted.protocols.basic import LineReceiver
@@ -30,13 +32,14 @@ from twisted.protocols.policies import TimeoutMixin
 
 from .. import logs
 from ..core import mailboxes
-from . import realm
+from . import mime, realm
 from .imapcmds import SENT, Bad, Commands, No, build_commands
 from .imapparse import Atom, ParseError, astring, tokenize
 
 log = logs.get("mailplat.imap")
 
 APPENDLIMIT = 26_214_400
+MULTIAPPEND_LIMIT = 2 * APPENDLIMIT  # all the messages of one APPEND, read into memory at once
 PREAUTH_LIMIT = 8 * 1024
 COMMAND_LIMIT = 1024 * 1024
 MAX_ERRORS = 20
@@ -46,6 +49,35 @@ COMMAND_DEADLINE = 600.0
 _LITERAL = re.compile(rb"\{([^{}]*)\}$")
 _TAG = re.compile(rb"^[\x21-\x7e]+$")
 _TAG_BAD = set(b'(){%*"\\+')
+
+
+def _sasl(data: bytes) -> bytes:
+    """A base64 SASL response; "=" is the empty one (RFC 4959)."""
+    data = data.strip()
+    if data == b"=":
+        return b""
+    try:
+        return base64.b64decode(data, validate=True)
+    except (ValueError, TypeError):
+        raise Bad(b"Invalid SASL response") from None
+
+
+class _Deflating:
+    """The transport after COMPRESS DEFLATE: every write goes out as raw DEFLATE, flushed so
+    the client can read it at once; anything else is the transport underneath."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self._deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
+
+    def write(self, data: bytes) -> None:
+        self._inner.write(self._deflate.compress(data) + self._deflate.flush(zlib.Z_SYNC_FLUSH))
+
+    def writeSequence(self, seq) -> None:
+        self.write(b"".join(seq))
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
 
 
 class _Command:
@@ -84,6 +116,9 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
         self._idle_done: asyncio.Event | None = None
         self._closed = False
         self._task: asyncio.Task | None = None
+        self._inflate = None  # COMPRESS=DEFLATE (RFC 4978): the reader's inflater, once active
+        self._ztail = b""  # compressed bytes not yet inflated (held while a command runs)
+        self._inflating = False
 
     # -- connection ----------------------------------------------------------------------------
     def connectionMade(self):
@@ -124,6 +159,30 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
         self.transport.loseConnection()
         self._closed = True
 
+    def dataReceived(self, data: bytes):
+        if self._inflate is None or self._inflating:  # plain, or LineReceiver handing back inflated bytes
+            return super().dataReceived(data)
+        # Inflate in 64 KB steps and none while a command runs: a small compressed input cannot
+        # become a large buffer.
+        self._ztail += data
+        while True:
+            out = b""
+            if self._ztail and not self.paused and not self._closed:
+                tail, self._ztail = self._ztail, b""
+                try:
+                    out = self._inflate.decompress(tail, 65536)
+                except zlib.error:
+                    self.close(b"Invalid compressed data")
+                    return
+                self._ztail = self._inflate.unconsumed_tail + self._ztail
+            self._inflating = True
+            try:
+                super().dataReceived(out)
+            finally:
+                self._inflating = False
+            if not out or self._closed:
+                return
+
     def lineLengthExceeded(self, line):
         self.close(b"Line too long")
 
@@ -139,12 +198,16 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
             if not self.secure():
                 caps.append(b"STARTTLS")
             if self.login_allowed():
-                caps.append(b"AUTH=PLAIN")
+                caps += [b"AUTH=PLAIN", b"AUTH=LOGIN"]
             else:
                 caps.append(b"LOGINDISABLED")
         else:
             caps += [b"NAMESPACE", b"UIDPLUS", b"MOVE", b"SPECIAL-USE", b"UNSELECT", b"CHILDREN",
-                     b"CONDSTORE", b"QUOTA", b"APPENDLIMIT=%d" % APPENDLIMIT]
+                     b"CONDSTORE", b"QUOTA", b"APPENDLIMIT=%d" % APPENDLIMIT, b"ESEARCH", b"SEARCHRES",
+                     b"LIST-EXTENDED", b"LIST-STATUS", b"MULTIAPPEND", b"BINARY",
+                     b"UTF8=ACCEPT", b"QRESYNC", b"COMPRESS=DEFLATE", b"SORT", b"SORT=DISPLAY",
+                     b"CREATE-SPECIAL-USE", b"STATUS=SIZE", b"WITHIN",
+                     b"THREAD=ORDEREDSUBJECT", b"THREAD=REFERENCES"]
         return b" ".join(caps)
 
     # -- framing ---------------------------------------------------------------------------------
@@ -200,11 +263,13 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
         size = int(digits)
         is_append = cmd.name == b"APPEND" and self.state != "unauth"
         limit = (PREAUTH_LIMIT if self.state == "unauth" else
-                 APPENDLIMIT + 64 * 1024 if is_append else COMMAND_LIMIT)
-        if cmd.size + size > limit or len(cmd.segments) >= MAX_SEGMENTS:
+                 MULTIAPPEND_LIMIT if is_append else COMMAND_LIMIT)
+        too_big = is_append and (size > APPENDLIMIT or cmd.size + size > limit)
+        if too_big or cmd.size + size > limit or len(cmd.segments) >= MAX_SEGMENTS:
             self._cmd = None
-            if is_append and size > APPENDLIMIT:
-                self.send(cmd.tag + b" NO [TOOBIG] Message too large (APPENDLIMIT=%d)" % APPENDLIMIT)
+            if too_big:
+                self.send(cmd.tag + b" NO [TOOBIG] Message too large (APPENDLIMIT=%d, %d in all)"
+                          % (APPENDLIMIT, MULTIAPPEND_LIMIT))
             else:
                 self._bad(cmd.tag, b"Literal too large")
             if plus:
@@ -291,6 +356,8 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
             self._bad(tag, exc.text)
         except No as exc:
             self.send(tag + b" NO " + exc.text)
+        except mime.UnknownCTE:
+            self.send(tag + b" NO [UNKNOWN-CTE] Cannot decode that part's transfer encoding")
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - our bug ends this command, never the reactor
@@ -326,6 +393,18 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
         self.send(tag + b" OK LOGOUT completed")
         self.transport.loseConnection()
         self._closed = True
+        return SENT
+
+    async def c_compress(self, tag, args):
+        """COMPRESS DEFLATE (RFC 4978): both directions compressed from the end of our OK on."""
+        if len(args) != 1 or not isinstance(args[0], Atom) or args[0].upper() != b"DEFLATE":
+            raise Bad(b"COMPRESS DEFLATE is the only mechanism")
+        if self._inflate is not None:
+            raise No(b"[COMPRESSIONACTIVE] Compression is already active")
+        self.send(tag + b" OK DEFLATE active")
+        self.clearLineBuffer()  # the client sends nothing more until it has read our OK
+        self._inflate = zlib.decompressobj(-15)
+        self.transport = _Deflating(self.transport)
         return SENT
 
     async def c_id(self, tag, args):
@@ -369,28 +448,35 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
         return await self._logged_in(found, tag)
 
     async def c_authenticate(self, tag, args):
+        """SASL PLAIN (RFC 4616) and LOGIN (what Outlook sends), with SASL-IR (RFC 4959)."""
         if not self.login_allowed():
             raise No(b"[PRIVACYREQUIRED] Authentication is disabled before STARTTLS")
-        if not args or not isinstance(args[0], Atom) or args[0].upper() != b"PLAIN" or len(args) > 2:
+        mech = args[0].upper() if args and isinstance(args[0], Atom) and len(args) <= 2 else None
+        if mech not in (b"PLAIN", b"LOGIN"):
             raise No(b"Unsupported authentication mechanism")
-        if len(args) == 2:
-            data = bytes(args[1])
+        first = _sasl(bytes(args[1])) if len(args) == 2 else None
+        if mech == b"PLAIN":
+            try:
+                _authz, user, password = (await self._challenge(b"") if first is None else first).split(b"\0")
+            except ValueError:
+                raise Bad(b"Invalid SASL PLAIN response") from None
         else:
-            self.send(b"+ ")
-            self._cont = asyncio.get_running_loop().create_future()
-            self.paused = False  # read the continuation line
-            self.transport.resumeProducing()
-            self.dataReceived(b"")
-            data = await self._cont
-        if data.strip() == b"*":
-            raise Bad(b"Authentication cancelled")
-        try:
-            decoded = base64.b64decode(data.strip(), validate=True)
-            _authz, user, password = decoded.split(b"\0")
-        except (ValueError, TypeError):
-            raise Bad(b"Invalid SASL PLAIN response") from None
+            user = await self._challenge(b"Username:") if first is None else first
+            password = await self._challenge(b"Password:")
         found = await self._check(user, password)
         return await self._logged_in(found, tag)
+
+    async def _challenge(self, text: bytes) -> bytes:
+        """Send a SASL challenge and read the client's base64 answer ("*" cancels)."""
+        self.send(b"+ " + base64.b64encode(text))
+        fut = self._cont = asyncio.get_running_loop().create_future()
+        self.paused = False  # read the continuation line (perhaps already here: pipelined)
+        self.transport.resumeProducing()
+        self.dataReceived(b"")
+        data = await fut
+        if data.strip() == b"*":
+            raise Bad(b"Authentication cancelled")
+        return _sasl(data)
 
     # -- authenticated ---------------------------------------------------------------------------
     async def c_namespace(self, tag, args):
@@ -400,9 +486,12 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
     async def c_enable(self, tag, args):
         done = []
         for a in args:
-            if isinstance(a, Atom) and a.upper() == b"CONDSTORE":
-                self.enabled.add("CONDSTORE")
-                done.append(b"CONDSTORE")
+            word = bytes(a.upper()) if isinstance(a, Atom) else b""
+            if word in (b"CONDSTORE", b"QRESYNC", b"UTF8=ACCEPT") and word not in done:
+                self.enabled.add(word.decode())
+                done.append(word)
+        if "QRESYNC" in self.enabled:
+            self.enabled.add("CONDSTORE")  # QRESYNC implies it (RFC 7162 3.2.3)
         self.send(b"* ENABLED" + b"".join(b" " + d for d in done))
         return b"ENABLE completed"
 

@@ -171,7 +171,7 @@ MAX_UID = 2**32 - 1
 @dataclass
 class SeqSet:
     ranges: list  # (lo, hi), None meaning "*"
-    saved: bool = False  # "$" (SEARCHRES) is not offered
+    saved: bool = False  # "$": the messages the last SEARCH ... RETURN (SAVE) found (RFC 5182)
 
     def resolve(self, largest: int) -> list[tuple[int, int]]:
         out = []
@@ -190,6 +190,8 @@ class SeqSet:
 def seqset(tok) -> SeqSet:
     if not isinstance(tok, Atom) or not tok or len(tok) > 100_000:
         raise ParseError("sequence set expected")
+    if tok == b"$":
+        return SeqSet([], saved=True)
     ranges = []
     for part in bytes(tok).split(b","):
         if part.count(b":") > 1:
@@ -216,6 +218,7 @@ class Section:
     partial: tuple | None = None  # (start, length)
     peek: bool = False
     label: bytes = b""  # how to name it in the response
+    binary: str = ""  # BINARY or BINARY.SIZE (RFC 3516): the part decoded, or its decoded size
 
 
 @dataclass
@@ -236,6 +239,8 @@ _SIMPLE = {b"FLAGS", b"UID", b"INTERNALDATE", b"RFC822.SIZE", b"ENVELOPE", b"BOD
            b"BODY", b"RFC822", b"RFC822.HEADER", b"RFC822.TEXT", b"MODSEQ"}
 _SECTION = re.compile(rb"^(BODY|BODY\.PEEK)\[([^\]]*)\](?:<(\d{1,10})\.(\d{1,10})>)?$", re.I)
 _FIELD = re.compile(rb"^[\x21-\x39\x3b-\x7e]+$")
+_BINARY = re.compile(rb"^(BINARY|BINARY\.PEEK|BINARY\.SIZE)\[((?:[1-9]\d{0,4}(?:\.[1-9]\d{0,4}){0,63})?)\]"
+                     rb"(?:<(\d{1,10})\.(\d{1,10})>)?$", re.I)
 
 
 def fetch_items(tok) -> FetchItems:
@@ -254,10 +259,27 @@ def fetch_items(tok) -> FetchItems:
                 items.names.append(up.decode())
             continue
         m = _SECTION.match(a)
+        if m:
+            items.sections.append(_section(m))
+            continue
+        m = _BINARY.match(a)
         if not m:
             raise ParseError("unknown fetch item")
-        items.sections.append(_section(m))
+        items.sections.append(_binary_section(m))
     return items
+
+
+def _binary_section(m) -> Section:
+    kind = m.group(1).upper()
+    if kind == b"BINARY.SIZE" and m.group(3) is not None:
+        raise ParseError("BINARY.SIZE takes no partial range")
+    nums = tuple(int(n) for n in m.group(2).split(b".")) if m.group(2) else ()
+    sec = Section(part=nums, peek=kind != b"BINARY", binary="SIZE" if kind == b"BINARY.SIZE" else "BINARY")
+    sec.label = (b"BINARY.SIZE[" if sec.binary == "SIZE" else b"BINARY[") + m.group(2) + b"]"
+    if m.group(3) is not None:
+        sec.partial = (int(m.group(3)), int(m.group(4)))
+        sec.label += b"<%d>" % sec.partial[0]
+    return sec
 
 
 def _section(m) -> Section:
@@ -314,7 +336,7 @@ _NOARG = {b"ALL", b"ANSWERED", b"DELETED", b"DRAFT", b"FLAGGED", b"NEW", b"OLD",
           b"SEEN", b"UNANSWERED", b"UNDELETED", b"UNDRAFT", b"UNFLAGGED", b"UNSEEN"}
 _STRARG = {b"BCC", b"BODY", b"CC", b"FROM", b"SUBJECT", b"TEXT", b"TO", b"KEYWORD", b"UNKEYWORD"}
 _DATEARG = {b"BEFORE", b"ON", b"SINCE", b"SENTBEFORE", b"SENTON", b"SENTSINCE"}
-_NUMARG = {b"LARGER", b"SMALLER", b"MODSEQ"}
+_NUMARG = {b"LARGER", b"SMALLER", b"MODSEQ", b"OLDER", b"YOUNGER"}  # OLDER, YOUNGER: WITHIN (RFC 5032)
 MAX_SEARCH_KEYS = 1000
 MAX_SEARCH_DEPTH = 60
 

@@ -2,13 +2,16 @@
 
 Owns: splitting a message's exact bytes into a part tree (header block, body, children for
 multipart and message/rfc822) without re-encoding anything, so BODY[1.2], BODY[HEADER] and
-partial fetches return the stored octets; BODYSTRUCTURE, BODY and ENVELOPE values; and the
+partial fetches return the stored octets; a part with its transfer encoding undone (BINARY,
+RFC 3516); BODYSTRUCTURE, BODY and ENVELOPE values; and the
 IMAP encoding of those values (NIL, numbers, quoted strings, literals for 8-bit or CR/LF).
 Caps: nesting depth 64 and 1000 parts per message; past a cap a part is treated as opaque.
 Used by imap.py (in a worker thread when parsing many messages).
 """
 from __future__ import annotations
 
+import binascii
+import email.header
 import email.utils
 import re
 from email.message import Message
@@ -89,7 +92,9 @@ class Part:
 def _raw(v) -> bytes:
     if isinstance(v, str):
         return v.encode("utf-8", "surrogateescape")
-    return str(v).encode("utf-8", "surrogateescape")
+    # a field with 8-bit octets (raw UTF-8, RFC 6532) comes wrapped in a Header: its octets as stored
+    return b"".join(s if isinstance(s, bytes) else s.encode("utf-8", "surrogateescape")
+                    for s, _ in email.header.decode_header(v))
 
 
 def _unfold(b: bytes) -> bytes:
@@ -180,6 +185,33 @@ def section_bytes(root: Part, part_nums: tuple, text: str, fields: tuple) -> byt
     if not part_nums:
         return root.raw[root.start:root.end]
     return part.body_bytes
+
+
+class UnknownCTE(Exception):
+    """BINARY: a Content-Transfer-Encoding we cannot undo (answered NO [UNKNOWN-CTE])."""
+
+
+def decoded_bytes(root: Part, part_nums: tuple) -> bytes:
+    """BINARY[part]: the part's body with its Content-Transfer-Encoding undone; BINARY[] is the
+    whole message as stored."""
+    if not part_nums:
+        return root.raw[root.start:root.end]
+    try:
+        part = find_part(root, part_nums)
+    except NoSuchPart:
+        return b""
+    body = part.body_bytes
+    cte = (part.header("content-transfer-encoding") or b"7bit").strip().lower()
+    if cte in (b"7bit", b"8bit", b"binary"):
+        return body
+    try:
+        if cte == b"base64":
+            return binascii.a2b_base64(body)
+        if cte == b"quoted-printable":
+            return binascii.a2b_qp(body)
+    except binascii.Error:
+        raise UnknownCTE("undecodable base64") from None
+    raise UnknownCTE(cte.decode("ascii", "replace")[:40])
 
 
 # -- BODYSTRUCTURE and ENVELOPE ---------------------------------------------------------------

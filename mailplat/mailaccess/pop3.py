@@ -1,14 +1,15 @@
 """The POP3 server protocol (Twisted, on the asyncio reactor) over a mailbox's INBOX.
 
-Owns: POP3 framing (RFC 1939, CAPA from RFC 2449, STLS from RFC 2595): USER/PASS (only over
-TLS, or loopback in dev mode), STAT, LIST, UIDL, TOP, RETR (the stored bytes, dot-stuffed, no
-other change), DELE, RSET, NOOP, QUIT (deletions committed in one transaction at QUIT, never
-on a dropped connection).  One command runs at a time; reading pauses while it does.  Logins
-go through realm.login; storage through core.mailboxes in the store's threads.
+Owns: POP3 framing (RFC 1939, CAPA from RFC 2449, STLS from RFC 2595): USER/PASS and AUTH
+PLAIN (RFC 5034; both only over TLS, or loopback in dev mode), STAT, LIST, UIDL, TOP, RETR (the
+stored bytes, dot-stuffed, no other change), DELE, RSET, NOOP, QUIT (deletions committed in one
+transaction at QUIT, never on a dropped connection).  One command runs at a time; reading
+pauses while it does.  Logins go through realm.login; storage through core.mailboxes in the store's threads.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 
 from twisted.internet import protocol
@@ -62,6 +63,7 @@ class POP3Server(LineReceiver, TimeoutMixin):
         self.errors = 0
         self._closed = False
         self.paused = False
+        self._cont: asyncio.Future | None = None  # AUTH waiting for the client's response line
 
     def connectionMade(self):
         self.peer = getattr(self.transport.getPeer(), "host", "?")
@@ -78,6 +80,8 @@ class POP3Server(LineReceiver, TimeoutMixin):
     def connectionLost(self, reason=None):
         self._closed = True
         self.setTimeout(None)
+        if self._cont is not None and not self._cont.done():
+            self._cont.cancel()
         if getattr(self, "counted", False):
             self.counted = False
             self.factory.limits.remove(self.peer)
@@ -107,6 +111,13 @@ class POP3Server(LineReceiver, TimeoutMixin):
     def lineReceived(self, line: bytes):
         self.resetTimeout()
         if self._closed:
+            return
+        if self._cont is not None:
+            fut, self._cont = self._cont, None
+            self.paused = True  # anything pipelined after it waits for AUTH to finish
+            self.transport.pauseProducing()
+            if not fut.done():
+                fut.set_result(line)
             return
         parts = line.split(b" ")
         name = parts[0].upper()
@@ -163,6 +174,8 @@ class POP3Server(LineReceiver, TimeoutMixin):
                 b"IMPLEMENTATION mailplat"]
         if not self.secure() and self.mbid is None:
             caps.append(b"STLS")
+        if self.mbid is None and realm.may_send_password(self.ctx, self.transport, self.secure()):
+            caps.append(b"SASL PLAIN")
         self.send(b"+OK Capability list follows\r\n" + b"\r\n".join(caps) + b"\r\n.")
 
     async def c_stls(self, args, line):
@@ -190,6 +203,39 @@ class POP3Server(LineReceiver, TimeoutMixin):
             return
         password = line[5:]
         user, self.user_name = self.user_name, None
+        await self._login(user, password)
+
+    async def c_auth(self, args, line):
+        """AUTH PLAIN [initial-response] (RFC 5034 with SASL PLAIN, RFC 4616)."""
+        if self.mbid is not None:
+            self._err(b"Already logged in")
+            return
+        if not realm.may_send_password(self.ctx, self.transport, self.secure()):
+            self._err(b"[SYS/PERM] Use STLS (or port 995) before sending credentials")
+            return
+        if not args or len(args) > 2 or args[0].upper() != b"PLAIN":
+            self._err(b"Unsupported authentication mechanism")
+            return
+        if len(args) == 2:
+            data = args[1]
+        else:
+            self.send(b"+ ")
+            fut = self._cont = asyncio.get_running_loop().create_future()
+            self.paused = False  # read the response line (perhaps already here: pipelined)
+            self.transport.resumeProducing()
+            self.dataReceived(b"")
+            data = (await fut).strip()
+            if data == b"*":
+                self._err(b"Authentication cancelled")
+                return
+        try:
+            _authz, user, password = (b"" if data == b"=" else base64.b64decode(data, validate=True)).split(b"\0")
+        except ValueError:
+            self._err(b"Invalid SASL PLAIN response")
+            return
+        await self._login(user, password)
+
+    async def _login(self, user: bytes, password: bytes) -> None:
         try:
             found = await realm.login(self.ctx, self.factory.throttle, self.peer,
                                       user.decode("utf-8", "replace"), password.decode("utf-8", "replace"), "pop3")
