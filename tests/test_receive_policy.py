@@ -182,8 +182,9 @@ def test_core_blob_gc(db_url, tmp_path):
         await _domain(ctx, "gc.test")
         await mailboxes.create_mailbox(ctx, "gc.test", "ann", PASSWORD)
         mbid = await ctx.store.read(mailboxes.account_id_sync, "ann@gc.test")
-        fid, _, gone_uid = await ctx.store.write(mailboxes.append_sync, mbid, "INBOX", b"Subject: a\r\n\r\ngone\r\n", [], 0.0)
-        await ctx.store.write(mailboxes.append_sync, mbid, "INBOX", b"Subject: b\r\n\r\nkept\r\n", [], 0.0)
+        fid, _, (gone_uid,) = await ctx.store.write(mailboxes.append_sync, mbid, "INBOX",
+                                                   [(b"Subject: a\r\n\r\ngone\r\n", [], 0.0)])
+        await ctx.store.write(mailboxes.append_sync, mbid, "INBOX", [(b"Subject: b\r\n\r\nkept\r\n", [], 0.0)])
         await ctx.store.write(mailboxes.store_flags_sync, fid, [gone_uid], ["\\Deleted"], 1)
         await ctx.store.write(mailboxes.expunge_sync, fid)
         gone, kept = blobs.digest(b"Subject: a\r\n\r\ngone\r\n"), blobs.digest(b"Subject: b\r\n\r\nkept\r\n")
@@ -193,7 +194,7 @@ def test_core_blob_gc(db_url, tmp_path):
         present = await ctx.store.read(mailboxes.blobs_present_sync, [gone, kept])
         assert present == [kept]
         # Stored again (and referenced) after it went: back, and kept by the next pass.
-        await ctx.store.write(mailboxes.append_sync, mbid, "INBOX", b"Subject: a\r\n\r\ngone\r\n", [], 0.0)
+        await ctx.store.write(mailboxes.append_sync, mbid, "INBOX", [(b"Subject: a\r\n\r\ngone\r\n", [], 0.0)])
         assert await ctx.store.write(blobs.collect_sync, time.time() + 1) == 0
         assert sorted(await ctx.store.read(mailboxes.blobs_present_sync, [gone, kept])) == sorted([gone, kept])
 
