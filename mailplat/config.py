@@ -7,6 +7,7 @@ Other modules receive a `Config` and never read the file or the environment them
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -57,6 +58,9 @@ class SmtpConfig:
     max_errors: int = 20
     command_timeout: float = 300.0
     max_connections_per_ip: int = 50
+    # Client networks (CIDRs) that may submit on the submission ports without AUTH, but only
+    # with a MAIL FROM in one of our domains (never an open relay).  Empty: nobody.
+    trusted_networks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -256,6 +260,11 @@ def _validate(cfg: Config, problems: list) -> None:
         problems.append(("smtp.max_message_bytes", "must be at least 1024"))
     if cfg.smtp.max_recipients < 1:
         problems.append(("smtp.max_recipients", "must be at least 1"))
+    for net in cfg.smtp.trusted_networks:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            problems.append(("smtp.trusted_networks", f"{net!r} is not a network (CIDR like 10.0.0.0/8)"))
     if cfg.api.domains_rate_limit_per_minute < 1:
         problems.append(("api.domains_rate_limit_per_minute", "must be at least 1"))
     if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
