@@ -4,9 +4,12 @@ Starts a private `mailplat serve api` (SQLite in a temporary data dir, unless --
 a sending domain, then keeps --clients keep-alive HTTP clients posting --size byte text messages
 (urlencoded, as the Python SDK sends them) for --count messages after a warm-up.  Every 200
 means the message, its queue row and its accepted event were committed.  Prints messages/s and
-latency percentiles, and checks the store holds every accepted message.
+latency percentiles, and checks the store holds every accepted message.  With --postfix, the
+same run also measures Postfix's smtp-source against a private Postfix (bench/postfix_private.sh,
+needs postfix installed and root) with as many sessions as clients and messages of the same
+size to a remote domain, queued for relay and held, and prints mailplat's rate over Postfix's.
 
-    .venv/bin/python bench/api_send.py [--clients 10] [--size 10240] [--count 5000]
+    .venv/bin/python bench/api_send.py [--clients 10] [--size 10240] [--count 5000] [--postfix]
 """
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ import argparse
 import contextlib
 import asyncio
 import base64
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -80,12 +85,34 @@ async def run(url: str, key: str, domain: str, clients: int, size: int, count: i
     return latencies, errors, ids, elapsed, cpu
 
 
+def postfix_rate(sessions: int, size: int, count: int, warmup: int, port: int = 25527) -> float:
+    """Messages/s of smtp-source into a private Postfix: same sessions, size and recipient domain."""
+    work = Path(tempfile.mkdtemp(prefix="postfix-bench-"))
+    helper = str(ROOT / "bench" / "postfix_private.sh")
+    subprocess.run([helper, "start", str(work / "postfix"), str(port)], check=True)
+
+    def source(n: int) -> None:
+        subprocess.run(["smtp-source", "-s", str(sessions), "-m", str(n), "-l", str(size),
+                        "-f", "bench@bench.example.test", "-t", "rcpt@sink.example.test",
+                        f"127.0.0.1:{port}"], check=True, stdout=subprocess.DEVNULL)
+    try:
+        source(warmup)
+        start = time.perf_counter()
+        source(count)
+        return count / (time.perf_counter() - start)
+    finally:
+        subprocess.run([helper, "stop", str(work / "postfix")], check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--size", type=int, default=10240, help="text body bytes")
     ap.add_argument("--count", type=int, default=5000)
     ap.add_argument("--warmup", type=int, default=500)
+    ap.add_argument("--postfix", action="store_true",
+                    help="also measure Postfix's SMTP acceptance (smtp-source) in the same run")
     ap.add_argument("--db-url", help="PostgreSQL server URL: the run uses a new database on it "
                     "(default: SQLite in the temporary data dir)")
     args = ap.parse_args()
@@ -122,6 +149,10 @@ def _measure(args, data_dir: Path, db_url: str | None) -> int:
           f" load average at end {open('/proc/loadavg').read().split()[0]} on {__import__('os').cpu_count()} cores")
     print(f"  client CPU: {getattr(run, 'client_cpu', 0) * 1000 / max(n, 1):.2f} ms per message (the load generator, same machine)")
     print(f"  errors: {len(errors)}{'  first: ' + errors[0] if errors else ''}")
+    if args.postfix:
+        pf = postfix_rate(args.clients, args.size, args.count, args.warmup)
+        print(f"  postfix smtp-source, {args.clients} sessions, {args.size} B: {pf:.0f} msgs/s"
+              f"  ->  mailplat API / postfix SMTP = {n / elapsed / pf:.2f}x")
     print(f"  committed check: {stored} of the first {min(len(ids), 900)} accepted ids are in the store")
     return 0 if not errors and stored == min(len(ids), 900) else 1
 

@@ -7,6 +7,7 @@ Other modules receive a `Config` and never read the file or the environment them
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -67,6 +68,9 @@ class SmtpConfig:
     # postmaster mailbox and no route or list for it.  Empty: postmaster@<domain> is created
     # as a locked mailbox (readable once the operator sets its password).
     postmaster_mailbox: str = ""
+    # Client networks (CIDRs) that may submit on the submission ports without AUTH, but only
+    # with a MAIL FROM in one of our domains (never an open relay).  Empty: nobody.
+    trusted_networks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -278,6 +282,11 @@ def _validate(cfg: Config, problems: list) -> None:
         problems.append(("database.keep_sent_bodies_days", "must not be negative"))
     if cfg.mailaccess.over_quota_days < 0:
         problems.append(("mailaccess.over_quota_days", "must not be negative"))
+    for net in cfg.smtp.trusted_networks:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            problems.append(("smtp.trusted_networks", f"{net!r} is not a network (CIDR like 10.0.0.0/8)"))
     if cfg.api.domains_rate_limit_per_minute < 1:
         problems.append(("api.domains_rate_limit_per_minute", "must be at least 1"))
     if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

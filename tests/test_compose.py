@@ -2,7 +2,9 @@
 MIME composition and per-recipient rendering (core.compose, core.options, core.render)."""
 from __future__ import annotations
 
+import binascii
 import email
+import random
 import time
 from email import policy
 
@@ -196,6 +198,33 @@ def test_compose_non_ascii_and_long_lines_round_trip():
     assert msg.get_body(("plain",)).get_content().replace("\r\n", "\n") == "Grüße\n" + long_line
     att = next(msg.iter_attachments())
     assert att.get_filename() == "répört.txt" and att.get_payload(decode=True) == "ünïcode".encode()
+
+
+def test_long_ascii_lines_are_quoted_printable_exactly_as_binascii_encodes_them():
+    """Long ASCII lines take a fast path (soft breaks only); its bytes must be b2a_qp's, also
+    around what b2a_qp encodes (=, a trailing space, a lone dot, tabs, controls, DEL)."""
+    def expected(text: str) -> bytes:
+        data = text.replace("\r\n", "\n").replace("\r", "\n")
+        body = binascii.b2a_qp(data.encode("utf-8"), istext=True).replace(b"\n", b"\r\n")
+        return body if body.endswith(b"\r\n") else body + b"\r\n"
+
+    rnd = random.Random(7)
+    alphabet = ["a", "Z", "~", "!", " ", ".", "\n", "=", "\t", "\x7f", "\x01", "\r"]
+    fast = 0
+    for _ in range(3000):
+        rare = rnd.choice([0, 0, 0.01, 0.1])  # the characters b2a_qp encodes: none in half the texts
+        weights = [30, 30, 5, 5, 5, 2, 1, rare, rare, rare, rare, rare]
+        n = rnd.choice([999, 1000, 1051, 1052, 1053, 1127, 1128, rnd.randrange(999, 4000)])
+        text = "".join(rnd.choices(alphabet, weights, k=n))
+        long = "x" * rnd.randrange(999, 1100)  # at least one line over 998: never 7bit
+        text = long + "\n" + text if rnd.random() < 0.5 else text + "\n" + long
+        part = compose._text_part(text, "plain")
+        head, body = part.split(b"\r\n\r\n", 1)
+        assert head.endswith(b"quoted-printable")
+        assert body == expected(text), text
+        fast += compose._soft_broken(text.replace("\r\n", "\n").replace("\r", "\n").split("\n")) is not None
+    assert fast > 300  # the fast path was exercised, not only the fallback
+    assert compose._soft_broken(["x" * 1000 + " "]) is None and compose._soft_broken(["a=b" * 400]) is None
 
 
 def test_render_non_ascii_values_and_encoded_subject():

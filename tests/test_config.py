@@ -125,3 +125,17 @@ def test_bad_toml_is_one_clear_error(tmp_path):
     (key, reason), = info.value.problems
     assert key == "config" and "not valid TOML" in reason
     assert re.search(r"line \d+", reason)
+
+
+def test_trusted_networks_are_validated(tmp_path):
+    cfg = configmod.from_raw({"smtp": {"trusted_networks": ["10.0.0.0/8", "fd00::/8", "192.0.2.7"]}},
+                             tmp_path)
+    assert cfg.smtp.trusted_networks == ("10.0.0.0/8", "fd00::/8", "192.0.2.7")
+    assert configmod.Config(data_dir=tmp_path).smtp.trusted_networks == ()  # nobody by default
+    with pytest.raises(configmod.ConfigError) as info:
+        configmod.from_raw({"smtp": {"trusted_networks": ["10.0.0.0/8", "10.0.0.0/33", "lan"]}}, tmp_path)
+    reasons = [r for k, r in info.value.problems if k == "smtp.trusted_networks"]
+    assert len(reasons) == 2 and "'lan'" in reasons[1], reasons
+    env = {"MAILPLAT_DATA_DIR": str(tmp_path)}
+    (tmp_path / "mailplat.toml").write_text('[smtp]\ntrusted_networks = ["127.0.0.1/8"]\n')
+    assert configmod.load(env=env).smtp.trusted_networks == ("127.0.0.1/8",)

@@ -223,6 +223,12 @@ def _check_domain(domain: str) -> None:
         raise ForbiddenError("Domain is disabled")
 
 
+async def check_sending_domain(ctx, domain: str) -> None:
+    """Raises NotFound unless `domain` is one of ours, ForbiddenError when it is disabled
+    (the same check the send transaction makes; for adapters that must refuse early)."""
+    await ctx.store.read(_check_domain, domain)
+
+
 def _store(domain: str, source: str, prep: _Prepared, sha: str, options: dict, tags: list,
            campaigns: list, user_variables: dict, recipient_variables: dict,
            next_attempt_at: float, now: float, clock, probes=()) -> Message:

@@ -69,10 +69,22 @@ class Shared:
         self.max_errors = cfg.smtp.max_errors
         self.timeout = cfg.smtp.command_timeout
         self.connections = ConnectionLimiter(cfg.smtp.max_connections_per_ip, MAX_CONNECTIONS)
+        self.trusted_networks = [ipaddress.ip_network(n, strict=False) for n in cfg.smtp.trusted_networks]
         self.auth = AuthThrottle()
         self.sessions: set[Session] = set()
         self.stopping = False
         self.idle = asyncio.Event()
+
+    def trusted(self, ip: str) -> bool:
+        """Whether a client address is in config smtp.trusted_networks."""
+        if not self.trusted_networks:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip.split("%")[0])
+        except ValueError:
+            return False
+        addr = getattr(addr, "ipv4_mapped", None) or addr
+        return any(addr in net for net in self.trusted_networks)
 
 
 class Session(AuthCommands, SMTP):
@@ -125,6 +137,7 @@ class Session(AuthCommands, SMTP):
         self.helo: str | None = None
         self.auth_login: str | None = None
         self.auth_domain: str | None = None
+        self.trusted = False  # a submission client in smtp.trusted_networks (MAIL without AUTH)
         self.mail: syntax.Path | None = None
         self.rcpts: list[syntax.Path] = []
 
@@ -153,6 +166,7 @@ class Session(AuthCommands, SMTP):
                 return
             self.sid = f"{_prefix}{next(_ids):x}"
             self.secure = transport.get_extra_info("ssl_object") is not None
+            self.trusted = self.offers_auth and self.shared.trusted(self.ip)
             self.shared.sessions.add(self)
             self.shared.idle.clear()
         super().connection_made(transport)
@@ -380,7 +394,7 @@ class Session(AuthCommands, SMTP):
         if self.mail is not None:
             await self.push("503 5.5.1 Nested MAIL command")
             return
-        if self.offers_auth and self.auth_login is None:
+        if self.offers_auth and self.auth_login is None and not self.trusted:
             await self.push("530 5.7.0 Authentication required")
             return
         try:

@@ -1,7 +1,10 @@
 """The submission listeners' policy (587 with STARTTLS, 465 with implicit TLS).
 
-Owns what an authenticated client may do: MAIL needs AUTH first (530 5.7.0), and both the
+Owns what a submitting client may do: MAIL needs AUTH first (530 5.7.0), and both the
 envelope sender and the From: header must be in the domain the login belongs to (550 5.7.1).
+A client in config smtp.trusted_networks may submit without AUTH (as Postfix's mynetworks),
+but only with an envelope sender in one of our enabled domains (core.send.check_sending_domain;
+anything else is 550 5.7.1, so never an open relay); that domain then plays the login's part.
 At end of DATA the X-Mailgun-* headers are read and stripped by core.options.from_headers and
 the message goes down the one send path, core.send.submit(); 250 is said only after it returns,
 i.e. after the message and its queue rows are committed.
@@ -14,13 +17,15 @@ from email.utils import getaddresses
 
 import idna
 
-from .. import logs
+from .. import errors, logs
 from . import syntax
-from .protocol import Session
+from .protocol import Session, reply_for
 
 log = logs.get("mailplat.smtpd.submission")
 
 NOT_OWNED = "550 5.7.1 Sender address not owned by the authenticated user"
+NOT_OURS = "550 5.7.1 Sender domain not hosted here: authenticate to send for other domains"
+FROM_NOT_SENDERS = "550 5.7.1 From: header outside the envelope sender's domain"
 _headers = HeaderParser(policy=compat32)
 
 
@@ -49,11 +54,39 @@ class SubmissionSession(Session):
     kind = "submission"
     offers_auth = True
 
+    def _sending_domain(self) -> str | None:
+        """The domain this transaction sends for: the login's, or the trusted sender's."""
+        if self.auth_login is not None:
+            return self.auth_domain
+        return self.mail.domain if self.mail is not None else None
+
     async def on_mail(self, path: syntax.Path) -> str | None:
+        if self.auth_login is None:  # a trusted network's client (protocol said 530 otherwise)
+            return await self._trusted_sender(path)
         if path.domain != self.auth_domain:
             log.warning("sender outside the login's domain",
                         extra={"fields": {"sender": path.address[:320]}})
             return NOT_OWNED
+        return None
+
+    async def _trusted_sender(self, path: syntax.Path) -> str | None:
+        from ..core import send
+        refusal = None
+        if not path.domain or path.literal:
+            refusal = NOT_OURS
+        else:
+            try:
+                await send.check_sending_domain(self.shared.ctx, path.domain)
+            except (errors.NotFound, errors.ForbiddenError):
+                refusal = NOT_OURS
+            except Exception as exc:  # noqa: BLE001 - the one translator
+                return reply_for(exc)
+        if refusal:
+            log.warning("trusted-network sender refused: not one of our domains",
+                        extra={"fields": {"sender": path.address[:320]}})
+            return refusal
+        log.info("trusted-network submission without AUTH",
+                 extra={"fields": {"sender": path.address[:320]}})
         return None
 
     async def on_rcpt(self, path: syntax.Path) -> str | None:
@@ -63,15 +96,16 @@ class SubmissionSession(Session):
 
     async def on_data(self, raw: bytes) -> str:
         from ..core import options, send
+        domain = self._sending_domain()
         opts, user_variables, stripped = options.from_headers(raw)
-        if any(d != self.auth_domain for d in from_domains(stripped)):
-            log.warning("From: header outside the login's domain")
-            return NOT_OWNED
-        req = send.SendRequest(domain=self.auth_domain, source="smtp", mime=stripped,
+        if any(d != domain for d in from_domains(stripped)):
+            log.warning("From: header outside the sender's domain")
+            return NOT_OWNED if self.auth_login is not None else FROM_NOT_SENDERS
+        req = send.SendRequest(domain=domain, source="smtp", mime=stripped,
                                recipients=[r.address for r in self.rcpts],
                                sender=self.mail.address, options=opts,
                                user_variables=user_variables)
         result = await send.submit(self.shared.ctx, req)
         logs.event(log, "submitted message accepted", message_id=result.message_id,
-                   rcpts=len(self.rcpts), size=len(raw))
+                   rcpts=len(self.rcpts), size=len(raw), trusted_network=self.auth_login is None)
         return f"250 2.0.0 Ok: queued as {result.message_id}"

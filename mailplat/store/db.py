@@ -300,6 +300,11 @@ class Store:
 # keep the text per (model, columns, rows, options) and only convert values with the fields'
 # own db_value, so the statement and parameters are the ones peewee itself would send.
 _insert_sql: dict = {}
+# Fields whose db_value hands back a value of exactly this type unchanged: such values skip the
+# call (most of a send's ~40 parameters).  Subclasses (JSONField...) are not listed: they convert.
+_UNCHANGED = {peewee.CharField: str, peewee.TextField: str, peewee.IntegerField: int,
+              peewee.BigIntegerField: int, peewee.AutoField: int, peewee.FloatField: float,
+              peewee.BooleanField: bool}
 
 
 def insert_rows(model, rows: list[dict], *, ignore_conflicts: bool = False, returning_id: bool = False,
@@ -312,11 +317,11 @@ def insert_rows(model, rows: list[dict], *, ignore_conflicts: bool = False, retu
     meta = model._meta
     db = meta.database
     names = tuple(rows[0])
-    defaults = [(f.name, d) for f, d in meta.defaults.items() if f.name not in rows[0]]
-    cols = names + tuple(n for n, _ in defaults)
-    key = (model, cols, len(rows), ignore_conflicts, returning_id, refresh)
+    key = (model, names, len(rows), ignore_conflicts, returning_id, refresh)
     cached = _insert_sql.get(key)
     if cached is None:
+        defaults = [(f.name, d) for f, d in meta.defaults.items() if f.name not in rows[0]]
+        cols = names + tuple(n for n, _ in defaults)
         fields = [meta.fields[n] for n in cols]
         p = db.param
         one = "(" + ", ".join([p] * len(cols)) + ")"
@@ -333,12 +338,15 @@ def insert_rows(model, rows: list[dict], *, ignore_conflicts: bool = False, retu
             sql += f' RETURNING "{meta.primary_key.column_name}"'
         if len(_insert_sql) > 1000:
             _insert_sql.clear()
-        cached = _insert_sql[key] = (sql, [f.db_value for f in fields], returning)
-    sql, converters, returning = cached
+        cached = _insert_sql[key] = (sql, [(_UNCHANGED.get(type(f)), f.db_value) for f in fields],
+                                     defaults, returning)
+    sql, converters, defaults, returning = cached
     params = []
     for row in rows:
-        values = [row[n] for n in names] + [d() if callable(d) else d for _, d in defaults]
-        params.extend(conv(v) for conv, v in zip(converters, values))
+        values = [row[n] for n in names]
+        if defaults:
+            values += [d() if callable(d) else d for _, d in defaults]
+        params += [v if type(v) is kind else conv(v) for (kind, conv), v in zip(converters, values)]
     cursor = db.execute_sql(sql, params)
     if not returning_id:
         return None

@@ -16,9 +16,16 @@ import peewee as pw
 database = pw.DatabaseProxy()
 
 
+_EMPTY_JSON = {dict: "{}", list: "[]"}
+
+
 class JSONField(pw.TextField):
     def db_value(self, value):
-        return None if value is None else json.dumps(value, separators=(",", ":"), sort_keys=True)
+        if value is None:
+            return None
+        if not value and type(value) in _EMPTY_JSON:  # most tags, variables...: no encoder call
+            return _EMPTY_JSON[type(value)]
+        return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
     def python_value(self, value):
         return None if value is None else json.loads(value)
