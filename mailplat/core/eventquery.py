@@ -6,22 +6,32 @@ on numeric fields (size) `>N`, `<N`, `>=N`, `<=N` and `N` compare, so `>1000 <50
 Also the matching of each filter field against a stored event (event, recipient, from, to,
 subject, message-id, tags, severity, attachment, size, list), and the SQL pushdown the
 indexed columns allow (a plain OR-list of values on event, recipient, message-id, severity
-becomes an IN on the (domain, column, timestamp) indexes); everything else is matched in
-Python on the rows the indexed walk yields.  api/views/events.py calls `sql_conditions` and
-`python_filter`.
+becomes an IN on the (domain, column, timestamp) indexes) and the text fields (subject, from,
+to, attachment) have as SQL over store.models.EventText (`search_text` builds its row).  Those
+become two things: `text_condition`, the exact filter as SQL (instr / LIKE on the lower-cased
+text), which lets the timestamp walk skip non-matching rows without reading their JSON, and
+`index_probe`, a necessary condition the substring index answers (FTS5 trigram MATCH on SQLite,
+LIKE through the pg_trgm GIN index on PostgreSQL; NOT and terms under 3 characters give none),
+which finds the candidate rows of a rare term.  Python still checks every returned row
+(`python_filter`).  api/views/events.py decides which plan a page takes.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
+import peewee as pw
+
 from ..errors import InputError
-from ..store.models import Event
+from ..store.models import Event, EventText
 
 FIELDS = ("event", "recipient", "from", "to", "subject", "message-id", "tags", "severity",
           "attachment", "size", "list")
 SQL_FIELDS = {"event": Event.event, "recipient": Event.recipient, "message-id": Event.message_id,
               "severity": Event.severity}
+TEXT_FIELDS = {"subject": EventText.subject, "from": EventText.from_text, "to": EventText.to_text,
+               "attachment": EventText.attachment}
+_NUL = "\ufffd"  # stands for NUL in EventText
 NUMERIC = {"size"}
 MAX_TERMS = 100
 _TOKEN = re.compile(r'\s*(?:(\()|(\))|"((?:[^"\\]|\\.)*)"|([^\s()"]+))')
@@ -226,3 +236,93 @@ def python_filter(trees: dict, skip: set):
     def keep(data: dict) -> bool:
         return all(_eval(tree, name, _field_values(name, data)) for name, tree in checks)
     return keep
+
+
+# -- text search -----------------------------------------------------------------------------------
+def search_text(data: dict) -> dict:
+    """The EventText row values of an event: each text field exactly as matching sees it, but
+    NUL (which PostgreSQL text cannot hold) as U+FFFD; terms holding either are left to Python,
+    so for every other term SQL's substring test and Python's agree."""
+    return {col.name: _field_values(name, data).replace("\x00", _NUL) for name, col in TEXT_FIELDS.items()}
+
+
+def _text_sql(node, col, postgres: bool):
+    if isinstance(node, Term):
+        want = node.value.lower()
+        if postgres:
+            like = "%" + want.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            return pw.Expression(col, "LIKE", like)
+        return pw.fn.instr(col, want) > 0
+    if isinstance(node, Not):
+        return ~_text_sql(node.node, col, postgres)
+    parts = [_text_sql(n, col, postgres) for n in node.nodes]
+    out = parts[0]
+    for p in parts[1:]:
+        out = (out & p) if isinstance(node, And) else (out | p)
+    return out
+
+
+def _terms(node):
+    if isinstance(node, Term):
+        yield node
+    elif isinstance(node, Not):
+        yield from _terms(node.node)
+    else:
+        for n in node.nodes:
+            yield from _terms(n)
+
+
+def _text_trees(trees: dict) -> list:
+    """(column, tree) of the text filters SQL can state exactly (see search_text)."""
+    return [(TEXT_FIELDS[name], tree) for name, tree in trees.items()
+            if name in TEXT_FIELDS and not any("\x00" in t.value or _NUL in t.value for t in _terms(tree))]
+
+
+def text_condition(trees: dict, postgres: bool):
+    """The text filters as one exact SQL condition over EventText, or None when there are none."""
+    conds = [_text_sql(tree, col, postgres) for col, tree in _text_trees(trees)]
+    if not conds:
+        return None
+    out = conds[0]
+    for c in conds[1:]:
+        out = out & c
+    return out
+
+
+def _probe(node, col, postgres: bool):
+    """A condition every match of `node` meets, in the index's terms, or None (no bound)."""
+    if isinstance(node, Term):
+        want = node.value.lower()
+        if len(want) < 3:
+            return None
+        if postgres:
+            return _text_sql(node, col, True)
+        return "{%s}:\"%s\"" % (col.column_name, want.replace('"', '""'))
+    if isinstance(node, Not):
+        return None
+    parts = [_probe(n, col, postgres) for n in node.nodes]
+    if isinstance(node, Or):
+        if any(p is None for p in parts):
+            return None
+        return _join(parts, "OR", postgres)
+    parts = [p for p in parts if p is not None]
+    return _join(parts, "AND", postgres) if parts else None
+
+
+def _join(parts: list, op: str, postgres: bool):
+    if len(parts) == 1:
+        return parts[0]
+    if not postgres:
+        return "(" + f" {op} ".join(parts) + ")"
+    out = parts[0]
+    for p in parts[1:]:
+        out = (out & p) if op == "AND" else (out | p)
+    return out
+
+
+def index_probe(trees: dict, postgres: bool):
+    """What the substring index can answer for the text filters: on SQLite an FTS5 MATCH
+    string, on PostgreSQL a LIKE condition over EventText; None when the filters bound nothing
+    (no text filter, only NOT or short terms)."""
+    parts = [p for p in (_probe(tree, col, postgres) for col, tree in _text_trees(trees)) if p is not None]
+    return _join(parts, "AND", postgres) if parts else None

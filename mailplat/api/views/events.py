@@ -9,6 +9,12 @@ opaque token holding the query and the position, so mailgun.js (which requests
 /v3/<domain>/events/<last segment>) and plain HTTP clients (which GET the URL) both page.
 Every page, an empty last one too, carries paging.  Items are the stored event JSON
 (core/events.build); this module only reads.
+
+Text filters (subject, from, to, attachment) take one of two plans per page.  A term the
+substring index finds in at most PROBE_CAP events is rare: those candidates' rows are fetched
+by id, sorted and paged.  Otherwise (a common term, or only NOT / short terms) the walk goes down
+the (domain, timestamp) index joined to event_text and tests the exact text condition in SQL,
+reading the JSON of matching rows only; at most MAX_SCAN rows per page, as before.
 """
 from __future__ import annotations
 
@@ -16,13 +22,14 @@ import base64
 import binascii
 import json
 
+import peewee as pw
 from aiohttp import web
 
 from ...core import eventquery
 from ...core.context import Context
 from ...core.timefmt import parse_time
 from ...errors import InputError, NotFound
-from ...store.models import Domain, Event
+from ...store.models import Domain, Event, EventText
 from ..forms import loose_bool, query
 from ..middleware import json_response
 
@@ -33,6 +40,7 @@ MAX_LIMIT = 300
 # land behind a poller's cursor and never be seen.
 SETTLE_SECONDS = 2.0
 MAX_SCAN = 20_000  # rows examined per page when Python-side filters (from, tags) reject many
+PROBE_CAP = 10_000  # a text term the index finds in more events than this is walked for
 _FILTERS = eventquery.FIELDS
 
 
@@ -106,6 +114,20 @@ def _before(ts: float, rid: int):
     return (Event.timestamp <= ts) & ((Event.timestamp < ts) | (Event.id < rid))
 
 
+def _candidates(trees: dict, postgres: bool) -> list[int] | None:
+    """The row ids the substring index finds for the text filters (a superset of the matches),
+    or None when it bounds nothing or finds more than PROBE_CAP (the walk is then as good)."""
+    probe = eventquery.index_probe(trees, postgres)
+    if probe is None:
+        return None
+    if postgres:
+        ids = [i for (i,) in EventText.select(EventText.event).where(probe).limit(PROBE_CAP + 1).tuples()]
+    else:
+        ids = [i for (i,) in EventText._meta.database.execute_sql(
+            "SELECT rowid FROM event_fts WHERE event_fts MATCH ? LIMIT ?", (probe, PROBE_CAP + 1))]
+    return ids if len(ids) <= PROBE_CAP else None
+
+
 def _page_sync(domain: str, q: dict, pos: list | None, back: bool, now: float, retention: float = 0.0):
     """One page in presentation order: (items, first position, last position, exists)."""
     if Domain.get_or_none(Domain.name == domain) is None:
@@ -114,7 +136,15 @@ def _page_sync(domain: str, q: dict, pos: list | None, back: bool, now: float, r
     asc = q["asc"] != back  # the walk's direction in the table
     trees = eventquery.compile_filters(q["f"])
     sql, settled = eventquery.sql_conditions(trees)
+    postgres = isinstance(Event._meta.database.obj, pw.PostgresqlDatabase)
+    text = eventquery.text_condition(trees, postgres)
     conds = [Event.domain == domain] + sql
+    if text is not None:
+        candidates = _candidates(trees, postgres)
+        if candidates is not None:
+            if not candidates:
+                return [], None
+            conds.append(Event.id.in_(candidates))
     if lo is not None:
         conds.append(Event.timestamp >= lo)
     if hi is not None:
@@ -130,13 +160,23 @@ def _page_sync(domain: str, q: dict, pos: list | None, back: bool, now: float, r
     limit = q["limit"]
     found: list[tuple[float, int, dict]] = []
     scanned = 0
-    batch = limit if keep is None else max(limit, 200)
+    if text is None:
+        select = Event.select(Event.id, Event.timestamp, Event.data)
+        batch = limit if keep is None else max(limit, 200)
+    else:
+        # Rows failing the text condition come back without their JSON: cheap to skip.
+        select = (Event.select(Event.id, Event.timestamp, pw.Case(None, [(text, Event.data)], None))
+                  .join(EventText, on=(EventText.event == Event.id)))
+        batch = max(limit, 1000)
     cursor_conds = list(conds)
     while len(found) < limit:
-        rows = list(Event.select(Event.id, Event.timestamp, Event.data).where(*cursor_conds)
-                    .order_by(*order).limit(batch).tuples())
+        rows = list(select.where(*cursor_conds).order_by(*order).limit(batch).tuples())
         for rid, ts, data in rows:
             scanned += 1
+            if data is None:
+                continue
+            if isinstance(data, str):
+                data = json.loads(data)
             if keep is None or keep(data):
                 found.append((ts, rid, data))
                 if len(found) >= limit:
