@@ -104,7 +104,21 @@ def test_index_and_walk_return_what_python_matches(store, monkeypatch):
                 with monkeypatch.context() as m:
                     m.setattr(view, "PROBE_CAP", 0)
                     assert all_pages(f, asc) == want, (f, asc, "walk")
+                with monkeypatch.context() as m:
+                    # A sample small enough to call trigrams common: the probe is a part of the term.
+                    m.setattr(view, "SAMPLE", 20)
+                    m.setattr(view, "COMMON", 0.1)
+                    m.setattr(view, "_sample", [float("-inf"), None, {}])
+                    assert all_pages(f, asc) == want, (f, asc, "probe without common trigrams")
     assert used_index >= 15  # the index answered the rare-term queries
+    with monkeypatch.context() as m:
+        m.setattr(view, "SAMPLE", 20)
+        m.setattr(view, "COMMON", 0.1)
+        m.setattr(view, "_sample", [float("-inf"), None, {}])
+        probe = eventquery.index_probe(eventquery.compile_filters({"subject": '"hello world 1"'}), postgres,
+                                       view._common_test())
+        if not postgres:  # the shared "hello" and "world" are left out of the phrase
+            assert probe is None or len(probe) < len('{subject}:"hello world 1"')
 
 
 def test_purged_events_leave_the_index(store):

@@ -289,18 +289,26 @@ def text_condition(trees: dict, postgres: bool):
     return out
 
 
-def _probe(node, col, postgres: bool):
+def _probe(node, col, postgres: bool, common):
     """A condition every match of `node` meets, in the index's terms, or None (no bound)."""
     if isinstance(node, Term):
         want = node.value.lower()
-        if len(want) < 3:
-            return None
         if postgres:
-            return _text_sql(node, col, True)
-        return "{%s}:\"%s\"" % (col.column_name, want.replace('"', '""'))
+            return _text_sql(node, col, True) if len(want) >= 3 else None
+        # The longest stretch of the term whose trigrams are all uncommon: a phrase holding a
+        # trigram most events have makes FTS5 read that trigram's whole doclist.
+        count, best, start = len(want) - 2, "", 0
+        for i in range(max(count, 0) + 1):
+            if i == count or common(col.column_name, want[i:i + 3]):
+                if i > start and i - start + 2 > len(best):
+                    best = want[start:i + 2]
+                start = i + 1
+        if not best:
+            return None
+        return "{%s}:\"%s\"" % (col.column_name, best.replace('"', '""'))
     if isinstance(node, Not):
         return None
-    parts = [_probe(n, col, postgres) for n in node.nodes]
+    parts = [_probe(n, col, postgres, common) for n in node.nodes]
     if isinstance(node, Or):
         if any(p is None for p in parts):
             return None
@@ -320,9 +328,10 @@ def _join(parts: list, op: str, postgres: bool):
     return out
 
 
-def index_probe(trees: dict, postgres: bool):
+def index_probe(trees: dict, postgres: bool, common=lambda column, trigram: False):
     """What the substring index can answer for the text filters: on SQLite an FTS5 MATCH
-    string, on PostgreSQL a LIKE condition over EventText; None when the filters bound nothing
-    (no text filter, only NOT or short terms)."""
-    parts = [p for p in (_probe(tree, col, postgres) for col, tree in _text_trees(trees)) if p is not None]
+    string (`common(column, trigram)` says which trigrams to leave out of it), on PostgreSQL a
+    LIKE condition over EventText; None when the filters bound nothing (no text filter, only NOT,
+    short terms or terms of common trigrams only)."""
+    parts = [p for p in (_probe(tree, col, postgres, common) for col, tree in _text_trees(trees)) if p is not None]
     return _join(parts, "AND", postgres) if parts else None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import time
 
 import peewee as pw
 from aiohttp import web
@@ -40,7 +41,14 @@ MAX_LIMIT = 300
 # land behind a poller's cursor and never be seen.
 SETTLE_SECONDS = 2.0
 MAX_SCAN = 20_000  # rows examined per page when Python-side filters (from, tags) reject many
-PROBE_CAP = 10_000  # a text term the index finds in more events than this is walked for
+PROBE_CAP = 5_000  # a text term the index finds in more events than this is walked for
+# Which trigrams are common (in COMMON of the SAMPLE newest events' text, looked at again every
+# SAMPLE_SECONDS): the FTS5 probe leaves them out, as reading their doclists costs as much as
+# the walk.  A store with fewer events than SAMPLE has none.
+SAMPLE = 2000
+COMMON = 0.02
+SAMPLE_SECONDS = 60.0
+_sample: list = [float("-inf"), None, {}]  # taken at (monotonic), {column: texts} or None, memo
 _FILTERS = eventquery.FIELDS
 
 
@@ -114,10 +122,31 @@ def _before(ts: float, rid: int):
     return (Event.timestamp <= ts) & ((Event.timestamp < ts) | (Event.id < rid))
 
 
+def _common_test():
+    """`common(column, trigram)` from the sample of newest event text (see SAMPLE)."""
+    now = time.monotonic()
+    if now - _sample[0] > SAMPLE_SECONDS:
+        fields = list(eventquery.TEXT_FIELDS.values())
+        rows = list(EventText.select(*fields).order_by(EventText.event.desc()).limit(SAMPLE).tuples())
+        texts = dict(zip((f.column_name for f in fields), zip(*rows))) if len(rows) >= SAMPLE else None
+        _sample[:] = [now, texts, {}]
+    texts, memo = _sample[1], _sample[2]
+
+    def common(column: str, trigram: str) -> bool:
+        if texts is None:
+            return False
+        hit = memo.get((column, trigram))
+        if hit is None:
+            hit = memo[(column, trigram)] = sum(trigram in t for t in texts[column]) >= COMMON * len(texts[column])
+        return hit
+    return common
+
+
 def _candidates(trees: dict, postgres: bool) -> list[int] | None:
     """The row ids the substring index finds for the text filters (a superset of the matches),
     or None when it bounds nothing or finds more than PROBE_CAP (the walk is then as good)."""
-    probe = eventquery.index_probe(trees, postgres)
+    probe = eventquery.index_probe(trees, postgres) if postgres else \
+        eventquery.index_probe(trees, False, _common_test())
     if probe is None:
         return None
     if postgres:
@@ -139,6 +168,7 @@ def _page_sync(domain: str, q: dict, pos: list | None, back: bool, now: float, r
     postgres = isinstance(Event._meta.database.obj, pw.PostgresqlDatabase)
     text = eventquery.text_condition(trees, postgres)
     conds = [Event.domain == domain] + sql
+    candidates = None
     if text is not None:
         candidates = _candidates(trees, postgres)
         if candidates is not None:
@@ -164,19 +194,21 @@ def _page_sync(domain: str, q: dict, pos: list | None, back: bool, now: float, r
         select = Event.select(Event.id, Event.timestamp, Event.data)
         batch = limit if keep is None else max(limit, 200)
     else:
-        # Rows failing the text condition come back without their JSON: cheap to skip.
+        # Rows failing the text condition come back without their JSON: cheap to skip, so the
+        # walk's batches grow while few match.
         select = (Event.select(Event.id, Event.timestamp, pw.Case(None, [(text, Event.data)], None))
                   .join(EventText, on=(EventText.event == Event.id)))
-        batch = max(limit, 1000)
+        batch = limit if candidates is not None else max(limit, 200)
     cursor_conds = list(conds)
     while len(found) < limit:
-        rows = list(select.where(*cursor_conds).order_by(*order).limit(batch).tuples())
+        # The driver's rows as they come (peewee's per-row conversion would cost more than the
+        # SQL); data is the stored JSON text.
+        rows = Event._meta.database.execute_sql(*select.where(*cursor_conds).order_by(*order).limit(batch).sql()).fetchall()
         for rid, ts, data in rows:
             scanned += 1
             if data is None:
                 continue
-            if isinstance(data, str):
-                data = json.loads(data)
+            data = json.loads(data)
             if keep is None or keep(data):
                 found.append((ts, rid, data))
                 if len(found) >= limit:
@@ -189,6 +221,8 @@ def _page_sync(domain: str, q: dict, pos: list | None, back: bool, now: float, r
             break
         last_ts, last_id = rows[-1][1], rows[-1][0]
         cursor_conds = conds + [_after(last_ts, last_id) if asc else _before(last_ts, last_id)]
+        if text is not None:
+            batch = min(batch * 4, 5000)
     return _present(found, back), None
 
 
