@@ -11,10 +11,12 @@ Every page, an empty last one too, carries paging.  Items are the stored event J
 (core/events.build); this module only reads.
 
 Text filters (subject, from, to, attachment) take one of two plans per page.  A term the
-substring index finds in at most PROBE_CAP events is rare: those candidates' rows are fetched
-by id, sorted and paged.  Otherwise (a common term, or only NOT / short terms) the walk goes down
-the (domain, timestamp) index joined to event_text and tests the exact text condition in SQL,
-reading the JSON of matching rows only; at most MAX_SCAN rows per page, as before.
+substring index finds in at most PROBE_CAP events (of all domains) is rare: those candidates'
+rows are fetched by id, sorted and paged.  Otherwise (a common term, or only NOT / short terms)
+the walk goes down the (domain, timestamp) index joined to event_text and tests the exact text
+condition in SQL, reading the JSON of matching rows only; at most MAX_SCAN rows per page, as
+before.  On SQLite the probe leaves out trigrams common in a sample of recent events: FTS5
+reads a phrase's every doclist whole, and a common trigram's costs as much as the walk.
 """
 from __future__ import annotations
 
