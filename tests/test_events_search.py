@@ -1,8 +1,9 @@
 """The events API's substring index (event_text: FTS5 trigram on SQLite, pg_trgm GIN on
 PostgreSQL; `db_url` runs both): every filter returns, page by page, exactly the events the
-Python matcher keeps over all of them, both when the index finds the candidates (rare terms) and
-when the walk tests the text in SQL (PROBE_CAP forced to 0), for AND/OR/NOT, phrases, case,
-non-ASCII and NUL; purged events leave the index; migration 0009 backfills older events."""
+Python matcher keeps over all of them, whether the index finds the candidates (rare terms), the
+walk tests the text in SQL (PROBE_CAP forced to 0, or the filter dense in a sample of events) or
+the probe leaves out trigrams the sample calls common; for AND/OR/NOT, phrases, case, non-ASCII
+and NUL.  Purged events leave the index; migration 0009 backfills older events."""
 from __future__ import annotations
 
 import random
@@ -104,12 +105,15 @@ def test_index_and_walk_return_what_python_matches(store, monkeypatch):
                 with monkeypatch.context() as m:
                     m.setattr(view, "PROBE_CAP", 0)
                     assert all_pages(f, asc) == want, (f, asc, "walk")
-                with monkeypatch.context() as m:
-                    # A sample small enough to call trigrams common: the probe is a part of the term.
-                    m.setattr(view, "SAMPLE", 20)
-                    m.setattr(view, "COMMON", 0.1)
-                    m.setattr(view, "_sample", [float("-inf"), None, {}])
-                    assert all_pages(f, asc) == want, (f, asc, "probe without common trigrams")
+                for dense in (2.0, 0.1):
+                    with monkeypatch.context() as m:
+                        # A sample small enough to call trigrams common (the probe is a part of
+                        # the term) and, with DENSE 0.1, filters dense (walked).
+                        m.setattr(view, "SAMPLE", 20)
+                        m.setattr(view, "COMMON", 0.1)
+                        m.setattr(view, "DENSE", dense)
+                        m.setattr(view, "_sample", [float("-inf"), None, {}])
+                        assert all_pages(f, asc) == want, (f, asc, "sampled", dense)
     assert used_index >= 15  # the index answered the rare-term queries
     with monkeypatch.context() as m:
         m.setattr(view, "SAMPLE", 20)

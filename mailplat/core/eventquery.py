@@ -293,10 +293,8 @@ def _probe(node, col, postgres: bool, common):
     """A condition every match of `node` meets, in the index's terms, or None (no bound)."""
     if isinstance(node, Term):
         want = node.value.lower()
-        if postgres:
-            return _text_sql(node, col, True) if len(want) >= 3 else None
-        # The longest stretch of the term whose trigrams are all uncommon: a phrase holding a
-        # trigram most events have makes FTS5 read that trigram's whole doclist.
+        # The longest stretch of the term whose trigrams are all uncommon: a trigram most events
+        # have makes the index read that trigram's whole list of rows.
         count, best, start = len(want) - 2, "", 0
         for i in range(max(count, 0) + 1):
             if i == count or common(col.column_name, want[i:i + 3]):
@@ -305,6 +303,8 @@ def _probe(node, col, postgres: bool, common):
                 start = i + 1
         if not best:
             return None
+        if postgres:
+            return _text_sql(Term(best), col, True)
         return "{%s}:\"%s\"" % (col.column_name, best.replace('"', '""'))
     if isinstance(node, Not):
         return None
@@ -328,10 +328,17 @@ def _join(parts: list, op: str, postgres: bool):
     return out
 
 
+def text_share(trees: dict, rows: list) -> float:
+    """The share of `rows` (EventText values in TEXT_FIELDS order) the text filters keep."""
+    names = list(TEXT_FIELDS)
+    checks = [(names.index(n), n, t) for n, t in trees.items() if n in TEXT_FIELDS]
+    return sum(all(_eval(t, n, row[i]) for i, n, t in checks) for row in rows) / max(len(rows), 1)
+
+
 def index_probe(trees: dict, postgres: bool, common=lambda column, trigram: False):
     """What the substring index can answer for the text filters: on SQLite an FTS5 MATCH
-    string (`common(column, trigram)` says which trigrams to leave out of it), on PostgreSQL a
-    LIKE condition over EventText; None when the filters bound nothing (no text filter, only NOT,
-    short terms or terms of common trigrams only)."""
+    string, on PostgreSQL a LIKE condition over EventText (`common(column, trigram)` says which
+    trigrams to leave out of either); None when the filters bound nothing (no text filter, only
+    NOT, short terms or terms of common trigrams only)."""
     parts = [p for p in (_probe(tree, col, postgres, common) for col, tree in _text_trees(trees)) if p is not None]
     return _join(parts, "AND", postgres) if parts else None

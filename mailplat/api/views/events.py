@@ -12,11 +12,13 @@ Every page, an empty last one too, carries paging.  Items are the stored event J
 
 Text filters (subject, from, to, attachment) take one of two plans per page.  A term the
 substring index finds in at most PROBE_CAP events (of all domains) is rare: those candidates'
-rows are fetched by id, sorted and paged.  Otherwise (a common term, or only NOT / short terms)
+rows are fetched by id, sorted and paged.  Otherwise (a common term, one frequent in a sample of
+recent events, or only NOT / short terms)
 the walk goes down the (domain, timestamp) index joined to event_text and tests the exact text
 condition in SQL, reading the JSON of matching rows only; at most MAX_SCAN rows per page, as
-before.  On SQLite the probe leaves out trigrams common in a sample of recent events: FTS5
-reads a phrase's every doclist whole, and a common trigram's costs as much as the walk.
+before.  The probe leaves out trigrams common in a sample of recent events: FTS5 reads a
+phrase's every doclist whole (pg_trgm's GIN scan its posting lists), and a common trigram's
+costs as much as the walk.
 """
 from __future__ import annotations
 
@@ -43,14 +45,15 @@ MAX_LIMIT = 300
 # land behind a poller's cursor and never be seen.
 SETTLE_SECONDS = 2.0
 MAX_SCAN = 20_000  # rows examined per page when Python-side filters (from, tags) reject many
-PROBE_CAP = 5_000  # a text term the index finds in more events than this is walked for
-# Which trigrams are common (in COMMON of the SAMPLE newest events' text, looked at again every
-# SAMPLE_SECONDS): the FTS5 probe leaves them out, as reading their doclists costs as much as
-# the walk.  A store with fewer events than SAMPLE has none.
+PROBE_CAP = 2_000  # a text term the index finds in more events than this is walked for
+# The SAMPLE newest events' text (looked at again every SAMPLE_SECONDS) says which trigrams are
+# COMMON, left out of the index probe, and which filters keep at least DENSE of the events, so
+# the walk finds a page of them sooner than the index.  A store smaller than SAMPLE has neither.
 SAMPLE = 2000
 COMMON = 0.02
+DENSE = 0.01
 SAMPLE_SECONDS = 60.0
-_sample: list = [float("-inf"), None, {}]  # taken at (monotonic), {column: texts} or None, memo
+_sample: list = [float("-inf"), None, {}]  # taken at (monotonic), rows or None, memo
 _FILTERS = eventquery.FIELDS
 
 
@@ -124,31 +127,50 @@ def _before(ts: float, rid: int):
     return (Event.timestamp <= ts) & ((Event.timestamp < ts) | (Event.id < rid))
 
 
+def _sample_rows() -> tuple[list | None, dict]:
+    now = time.monotonic()
+    if now - _sample[0] > SAMPLE_SECONDS or len(_sample[2]) > 10_000:
+        rows = list(EventText.select(*eventquery.TEXT_FIELDS.values()).order_by(EventText.event.desc())
+                    .limit(SAMPLE).tuples())
+        _sample[:] = [now, rows if len(rows) >= SAMPLE else None, {}]
+    return _sample[1], _sample[2]
+
+
 def _common_test():
     """`common(column, trigram)` from the sample of newest event text (see SAMPLE)."""
-    now = time.monotonic()
-    if now - _sample[0] > SAMPLE_SECONDS:
-        fields = list(eventquery.TEXT_FIELDS.values())
-        rows = list(EventText.select(*fields).order_by(EventText.event.desc()).limit(SAMPLE).tuples())
-        texts = dict(zip((f.column_name for f in fields), zip(*rows))) if len(rows) >= SAMPLE else None
-        _sample[:] = [now, texts, {}]
-    texts, memo = _sample[1], _sample[2]
+    rows, memo = _sample_rows()
+    columns = [f.column_name for f in eventquery.TEXT_FIELDS.values()]
 
     def common(column: str, trigram: str) -> bool:
-        if texts is None:
+        if rows is None:
             return False
         hit = memo.get((column, trigram))
         if hit is None:
-            hit = memo[(column, trigram)] = sum(trigram in t for t in texts[column]) >= COMMON * len(texts[column])
+            i = columns.index(column)
+            hit = memo[(column, trigram)] = sum(trigram in r[i] for r in rows) >= COMMON * len(rows)
         return hit
     return common
 
 
+def _dense(trees: dict) -> bool:
+    """Whether the text filters keep at least DENSE of the sampled events."""
+    rows, memo = _sample_rows()
+    if rows is None:
+        return False
+    key = tuple(sorted((n, t) for n, t in trees.items() if n in eventquery.TEXT_FIELDS))
+    share = memo.get(key)
+    if share is None:
+        share = memo[key] = eventquery.text_share(trees, rows)
+    return share >= DENSE
+
+
 def _candidates(trees: dict, postgres: bool) -> list[int] | None:
     """The row ids the substring index finds for the text filters (a superset of the matches),
-    or None when it bounds nothing or finds more than PROBE_CAP (the walk is then as good)."""
-    probe = eventquery.index_probe(trees, postgres) if postgres else \
-        eventquery.index_probe(trees, False, _common_test())
+    or None when the filters are dense, the index bounds nothing or it finds more than
+    PROBE_CAP (the walk is then as good)."""
+    if _dense(trees):
+        return None
+    probe = eventquery.index_probe(trees, postgres, _common_test())
     if probe is None:
         return None
     if postgres:
