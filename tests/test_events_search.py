@@ -1,8 +1,8 @@
 """The events API's substring index (event_text: FTS5 trigram on SQLite, pg_trgm GIN on
 PostgreSQL; `db_url` runs both): every filter returns, page by page, exactly the events the
 Python matcher keeps over all of them, whether the index finds the candidates (rare terms), the
-walk tests the text in SQL (PROBE_CAP forced to 0, or the filter dense in a sample of events) or
-the probe leaves out trigrams the sample calls common; for AND/OR/NOT, phrases, case, non-ASCII
+walk tests the text in SQL (PROBE_CAP forced to 0, or a sample of events says the probe would
+find more) or the probe leaves out trigrams the sample calls common; for AND/OR/NOT, phrases, case, non-ASCII
 and NUL.  Purged events leave the index; migration 0009 backfills older events."""
 from __future__ import annotations
 
@@ -105,24 +105,28 @@ def test_index_and_walk_return_what_python_matches(store, monkeypatch):
                 with monkeypatch.context() as m:
                     m.setattr(view, "PROBE_CAP", 0)
                     assert all_pages(f, asc) == want, (f, asc, "walk")
-                for dense in (2.0, 0.1):
+                for cap in (2000, 5):
                     with monkeypatch.context() as m:
                         # A sample small enough to call trigrams common (the probe is a part of
-                        # the term) and, with DENSE 0.1, filters dense (walked).
+                        # the term), and with a cap of 5 to say a probe would find too many.
                         m.setattr(view, "SAMPLE", 20)
                         m.setattr(view, "COMMON", 0.1)
-                        m.setattr(view, "DENSE", dense)
-                        m.setattr(view, "_sample", [float("-inf"), None, {}])
-                        assert all_pages(f, asc) == want, (f, asc, "sampled", dense)
+                        m.setattr(view, "PROBE_CAP", cap)
+                        m.setattr(view, "_sample", [float("-inf"), None, 0, {}])
+                        assert all_pages(f, asc) == want, (f, asc, "sampled", cap)
     assert used_index >= 15  # the index answered the rare-term queries
-    with monkeypatch.context() as m:
-        m.setattr(view, "SAMPLE", 20)
-        m.setattr(view, "COMMON", 0.1)
-        m.setattr(view, "_sample", [float("-inf"), None, {}])
-        probe = eventquery.index_probe(eventquery.compile_filters({"subject": '"hello world 1"'}), postgres,
-                                       view._common_test())
-        if not postgres:  # the shared "hello" and "world" are left out of the phrase
-            assert probe is None or len(probe) < len('{subject}:"hello world 1"')
+
+
+def test_probe_leaves_out_common_trigrams():
+    common = {"hel", "ell", "llo", "wor", "orl", "rld"}
+    trees = eventquery.compile_filters({"subject": '"Hello World 1" OR zzz', "from": "NOT ann"})
+    probes = eventquery.index_probe(trees, False, lambda column, trigram: trigram in common)
+    assert probes == {"subject": eventquery.Or((eventquery.Term("lo wo"), eventquery.Term("zzz")))}
+    assert eventquery.probe_condition(probes, False) == '({subject}:"lo wo" OR {subject}:"zzz")'
+    # pg_trgm: no edge that is not a letter or digit, and a word of 3 to narrow by.
+    assert eventquery.index_probe(trees, True, lambda column, trigram: trigram in common) == {}
+    assert eventquery.index_probe(eventquery.compile_filters({"subject": "[k4321]"}), True) \
+        == {"subject": eventquery.Term("k4321")}
 
 
 def test_purged_events_leave_the_index(store):

@@ -35,6 +35,8 @@ _NUL = "\ufffd"  # stands for NUL in EventText
 NUMERIC = {"size"}
 MAX_TERMS = 100
 _TOKEN = re.compile(r'\s*(?:(\()|(\))|"((?:[^"\\]|\\.)*)"|([^\s()"]+))')
+_PG_EDGES = re.compile(r"^[\W_]+|[\W_]+$")
+_PG_WORD = re.compile(r"[^\W_]{3}")
 _CMP = re.compile(r"^(>=|<=|>|<|=)?(-?\d+(?:\.\d+)?)$")
 
 
@@ -289,43 +291,32 @@ def text_condition(trees: dict, postgres: bool):
     return out
 
 
-def _probe(node, col, postgres: bool, common):
-    """A condition every match of `node` meets, in the index's terms, or None (no bound)."""
+def _probe(node, column: str, postgres: bool, common):
+    """A tree of terms every match of `node` contains, that the index can look up, or None."""
     if isinstance(node, Term):
         want = node.value.lower()
         # The longest stretch of the term whose trigrams are all uncommon: a trigram most events
         # have makes the index read that trigram's whole list of rows.
         count, best, start = len(want) - 2, "", 0
         for i in range(max(count, 0) + 1):
-            if i == count or common(col.column_name, want[i:i + 3]):
+            if i == count or common(column, want[i:i + 3]):
                 if i > start and i - start + 2 > len(best):
                     best = want[start:i + 2]
                 start = i + 1
-        if not best:
-            return None
         if postgres:
-            return _text_sql(Term(best), col, True)
-        return "{%s}:\"%s\"" % (col.column_name, best.replace('"', '""'))
+            # pg_trgm pads the words of a LIKE pattern, so an edge that is not a letter or
+            # digit adds "  x" trigrams most rows share; and a pattern without a 3-character
+            # word gives the GIN scan nothing to narrow by (it reads the whole index).
+            best = _PG_EDGES.sub("", best)
+            return Term(best) if _PG_WORD.search(best) else None
+        return Term(best) if best else None
     if isinstance(node, Not):
         return None
-    parts = [_probe(n, col, postgres, common) for n in node.nodes]
+    parts = [_probe(n, column, postgres, common) for n in node.nodes]
     if isinstance(node, Or):
-        if any(p is None for p in parts):
-            return None
-        return _join(parts, "OR", postgres)
+        return None if any(p is None for p in parts) else Or(tuple(parts))
     parts = [p for p in parts if p is not None]
-    return _join(parts, "AND", postgres) if parts else None
-
-
-def _join(parts: list, op: str, postgres: bool):
-    if len(parts) == 1:
-        return parts[0]
-    if not postgres:
-        return "(" + f" {op} ".join(parts) + ")"
-    out = parts[0]
-    for p in parts[1:]:
-        out = (out & p) if op == "AND" else (out | p)
-    return out
+    return (parts[0] if len(parts) == 1 else And(tuple(parts))) if parts else None
 
 
 def text_share(trees: dict, rows: list) -> float:
@@ -335,10 +326,30 @@ def text_share(trees: dict, rows: list) -> float:
     return sum(all(_eval(t, n, row[i]) for i, n, t in checks) for row in rows) / max(len(rows), 1)
 
 
-def index_probe(trees: dict, postgres: bool, common=lambda column, trigram: False):
-    """What the substring index can answer for the text filters: on SQLite an FTS5 MATCH
-    string, on PostgreSQL a LIKE condition over EventText (`common(column, trigram)` says which
-    trigrams to leave out of either); None when the filters bound nothing (no text filter, only
-    NOT, short terms or terms of common trigrams only)."""
-    parts = [p for p in (_probe(tree, col, postgres, common) for col, tree in _text_trees(trees)) if p is not None]
-    return _join(parts, "AND", postgres) if parts else None
+def index_probe(trees: dict, postgres: bool, common=lambda column, trigram: False) -> dict:
+    """{field: tree of terms} the substring index can look up for the text filters, each a
+    necessary condition of its filter (`common(column, trigram)` says which trigrams to leave
+    out); empty when the filters bound nothing (no text filter, only NOT, short terms or terms
+    of common trigrams only).  `text_share` estimates it, `probe_condition` states it."""
+    out = {}
+    for col, tree in _text_trees(trees):
+        name = next(n for n, c in TEXT_FIELDS.items() if c is col)
+        found = _probe(tree, col.column_name, postgres, common)
+        if found is not None:
+            out[name] = found
+    return out
+
+
+def _fts(node, column: str) -> str:
+    if isinstance(node, Term):
+        return "{%s}:\"%s\"" % (column, node.value.replace('"', '""'))
+    op = " AND " if isinstance(node, And) else " OR "
+    return "(" + op.join(_fts(n, column) for n in node.nodes) + ")"
+
+
+def probe_condition(probes: dict, postgres: bool):
+    """`index_probe`'s terms as an FTS5 MATCH string (SQLite) or a LIKE condition over
+    EventText that the pg_trgm index serves (PostgreSQL)."""
+    if postgres:
+        return text_condition(probes, True)
+    return " AND ".join(_fts(tree, TEXT_FIELDS[name].column_name) for name, tree in probes.items())

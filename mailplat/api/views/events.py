@@ -12,11 +12,11 @@ Every page, an empty last one too, carries paging.  Items are the stored event J
 
 Text filters (subject, from, to, attachment) take one of two plans per page.  A term the
 substring index finds in at most PROBE_CAP events (of all domains) is rare: those candidates'
-rows are fetched by id, sorted and paged.  Otherwise (a common term, one frequent in a sample of
-recent events, or only NOT / short terms)
+rows are fetched by id, sorted and paged.  Otherwise (a common term, one a sample of events
+says is not rare, or only NOT / short terms)
 the walk goes down the (domain, timestamp) index joined to event_text and tests the exact text
 condition in SQL, reading the JSON of matching rows only; at most MAX_SCAN rows per page, as
-before.  The probe leaves out trigrams common in a sample of recent events: FTS5 reads a
+before.  The probe leaves out trigrams common in a sample of events: FTS5 reads a
 phrase's every doclist whole (pg_trgm's GIN scan its posting lists), and a common trigram's
 costs as much as the walk.
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import random
 import time
 
 import peewee as pw
@@ -46,14 +47,13 @@ MAX_LIMIT = 300
 SETTLE_SECONDS = 2.0
 MAX_SCAN = 20_000  # rows examined per page when Python-side filters (from, tags) reject many
 PROBE_CAP = 2_000  # a text term the index finds in more events than this is walked for
-# The SAMPLE newest events' text (looked at again every SAMPLE_SECONDS) says which trigrams are
-# COMMON, left out of the index probe, and which filters keep at least DENSE of the events, so
-# the walk finds a page of them sooner than the index.  A store smaller than SAMPLE has neither.
+# The text of SAMPLE events at random (drawn again every SAMPLE_SECONDS) says which trigrams are
+# COMMON, left out of the index probe, and how many events the probe would find, so that one
+# finding more than PROBE_CAP is not run.  A store smaller than SAMPLE has no sample.
 SAMPLE = 2000
 COMMON = 0.02
-DENSE = 0.01
 SAMPLE_SECONDS = 60.0
-_sample: list = [float("-inf"), None, {}]  # taken at (monotonic), rows or None, memo
+_sample: list = [float("-inf"), None, 0, {}]  # taken at (monotonic), rows or None, events, memo
 _FILTERS = eventquery.FIELDS
 
 
@@ -127,18 +127,27 @@ def _before(ts: float, rid: int):
     return (Event.timestamp <= ts) & ((Event.timestamp < ts) | (Event.id < rid))
 
 
-def _sample_rows() -> tuple[list | None, dict]:
+def _sample_rows() -> tuple[list | None, int, dict]:
+    """SAMPLE events' text at random (newest ones alone may be one campaign's), about how many
+    events there are, and the memo of what was worked out from them."""
     now = time.monotonic()
-    if now - _sample[0] > SAMPLE_SECONDS or len(_sample[2]) > 10_000:
-        rows = list(EventText.select(*eventquery.TEXT_FIELDS.values()).order_by(EventText.event.desc())
-                    .limit(SAMPLE).tuples())
-        _sample[:] = [now, rows if len(rows) >= SAMPLE else None, {}]
-    return _sample[1], _sample[2]
+    if now - _sample[0] > SAMPLE_SECONDS or len(_sample[3]) > 10_000:
+        lo, hi = EventText.select(pw.fn.MIN(EventText.event), pw.fn.MAX(EventText.event)).scalar(as_tuple=True)
+        rows, total = None, 0
+        if lo is not None and hi - lo + 1 >= SAMPLE:
+            ids = random.sample(range(lo, hi + 1), SAMPLE)
+            rows = list(EventText.select(*eventquery.TEXT_FIELDS.values()).where(EventText.event.in_(ids)).tuples())
+            total = round((hi - lo + 1) * len(rows) / SAMPLE)
+            rows = rows if len(rows) >= SAMPLE // 2 else None
+        _sample[:] = [now, rows, total, {}]
+    return _sample[1], _sample[2], _sample[3]
 
 
-def _common_test():
-    """`common(column, trigram)` from the sample of newest event text (see SAMPLE)."""
-    rows, memo = _sample_rows()
+def _candidates(trees: dict, postgres: bool) -> list[int] | None:
+    """The row ids the substring index finds for the text filters (a superset of the matches),
+    or None when it bounds nothing or finds (or by the sample would find) more than PROBE_CAP:
+    the walk is then as good."""
+    rows, total, memo = _sample_rows()
     columns = [f.column_name for f in eventquery.TEXT_FIELDS.values()]
 
     def common(column: str, trigram: str) -> bool:
@@ -149,30 +158,13 @@ def _common_test():
             i = columns.index(column)
             hit = memo[(column, trigram)] = sum(trigram in r[i] for r in rows) >= COMMON * len(rows)
         return hit
-    return common
 
-
-def _dense(trees: dict) -> bool:
-    """Whether the text filters keep at least DENSE of the sampled events."""
-    rows, memo = _sample_rows()
-    if rows is None:
-        return False
-    key = tuple(sorted((n, t) for n, t in trees.items() if n in eventquery.TEXT_FIELDS))
-    share = memo.get(key)
-    if share is None:
-        share = memo[key] = eventquery.text_share(trees, rows)
-    return share >= DENSE
-
-
-def _candidates(trees: dict, postgres: bool) -> list[int] | None:
-    """The row ids the substring index finds for the text filters (a superset of the matches),
-    or None when the filters are dense, the index bounds nothing or it finds more than
-    PROBE_CAP (the walk is then as good)."""
-    if _dense(trees):
+    probes = eventquery.index_probe(trees, postgres, common)
+    if not probes:
         return None
-    probe = eventquery.index_probe(trees, postgres, _common_test())
-    if probe is None:
+    if rows is not None and eventquery.text_share(probes, rows) * total > PROBE_CAP:
         return None
+    probe = eventquery.probe_condition(probes, postgres)
     if postgres:
         ids = [i for (i,) in EventText.select(EventText.event).where(probe).limit(PROBE_CAP + 1).tuples()]
     else:
