@@ -1,7 +1,8 @@
 """The events API's substring index: event_text holds each event's lower-cased subject, from,
 to and attachment text (core.eventquery.search_text), one row per event, deleted with it; on
 SQLite an FTS5 trigram table over it (external content, kept in step by triggers), on
-PostgreSQL a pg_trgm GIN index.  Existing events are backfilled."""
+PostgreSQL a pg_trgm GIN index (pg_trgm ships with PostgreSQL's contrib and is a trusted
+extension since 13, so the database's owner may create it).  Existing events are backfilled."""
 import json
 
 from peewee import *
