@@ -6,14 +6,16 @@ the API): 30 days of accepted/delivered/failed/opened/clicked events over 200,00
 2,000,000 messages, tagged.  Then runs `mailplat serve api` on it and times GET
 /v3/<domain>/events over HTTP for the queries clients make (the newest page, Ghost's poll with
 event OR-lists and tags, one recipient, one message-id, an ascending walk from a begin time,
-the next page through paging.next, and a subject filter that can only be matched row by row),
-printing p50/p99 per query.
+the next page through paging.next, and subject/from filters with rare, common and NOT terms),
+printing p50/p99 per query and the CPU milliseconds per query of the API server process (which
+includes SQLite's work) and of the PostgreSQL backends serving it (a server on this machine).
 
     .venv/bin/python bench/events_query.py [--events 10000000] [--runs 200] [--db-url postgresql://...]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import sys
@@ -26,6 +28,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from mailplat import config as configmod  # noqa: E402
 from tests.support import init_data_dir, serve  # noqa: E402
 
 DOMAIN = "bench-events.example.test"
@@ -39,7 +42,7 @@ INSERT INTO event (event_id, domain, event, timestamp, recipient, message_id, se
 SELECT 'b' || i, '{domain}', ev, ts, rcpt, mid, sev,
   '{{"id":"b' || i || '","event":"' || ev || '","timestamp":' || ts || ',"recipient":"' || rcpt ||
   '","severity":"' || sev || '","tags":["t' || (i % 10) || '"],"message":{{"headers":{{"message-id":"' || mid ||
-  '","from":"news@{domain}","to":"' || rcpt || '","subject":"Issue ' || (i % 1000) || '"}},"size":' || (1000 + i % 50000) ||
+  '","from":"news@{domain}","to":"' || rcpt || '","subject":"Issue ' || (i % 1000) || ' [k' || (i % 99991) || ']"}},"size":' || (1000 + i % 50000) ||
   '}},"user-variables":{{}},"flags":{{}}}}'
 FROM (SELECT i,
   CASE i % 10 WHEN 0 THEN 'failed' WHEN 1 THEN 'opened' WHEN 2 THEN 'clicked' WHEN 3 THEN 'delivered'
@@ -57,7 +60,7 @@ SELECT 'b' || i, '{domain}', ev, ts, rcpt, mid, sev,
   json_build_object('id', 'b' || i, 'event', ev, 'timestamp', ts, 'recipient', rcpt, 'severity', sev,
     'tags', json_build_array('t' || (i % 10)),
     'message', json_build_object('headers', json_build_object('message-id', mid, 'from', 'news@{domain}',
-        'to', rcpt, 'subject', 'Issue ' || (i % 1000)), 'size', 1000 + i % 50000),
+        'to', rcpt, 'subject', 'Issue ' || (i % 1000) || ' [k' || (i % 99991) || ']'), 'size', 1000 + i % 50000),
     'user-variables', '{{}}'::json, 'flags', '{{}}'::json)::text
 FROM (SELECT i,
   CASE i % 10 WHEN 0 THEN 'failed' WHEN 1 THEN 'opened' WHEN 2 THEN 'clicked' WHEN 3 THEN 'delivered'
@@ -68,6 +71,23 @@ FROM (SELECT i,
   'm' || (i / 5 % {msgs}) || '@{domain}' AS mid
   FROM generate_series({start}, {stop}) AS i) AS g
 """
+
+
+# The text the events API's filters search (core.eventquery.search_text), for the rows above.
+TEXT_FILL = """
+INSERT INTO event_text (event_row, subject, from_text, to_text, attachment)
+SELECT id, lower({subject}), lower({sender}) || ' ', lower({to}), '' FROM event WHERE event_id IN
+  (SELECT 'b' || i FROM {series})
+"""
+SQLITE_TEXT = {"subject": "json_extract(data, '$.message.headers.subject')",
+               "sender": "json_extract(data, '$.message.headers.from')",
+               "to": "json_extract(data, '$.message.headers.to')",
+               "series": "(WITH RECURSIVE n(i) AS (SELECT {start} UNION ALL SELECT i + 1 FROM n WHERE i < {stop}) "
+                         "SELECT i FROM n)"}
+PG_TEXT = {"subject": "(data::json #>> '{{message,headers,subject}}')",
+           "sender": "(data::json #>> '{{message,headers,from}}')",
+           "to": "(data::json #>> '{{message,headers,to}}')",
+           "series": "generate_series({start}, {stop}) AS i"}
 
 
 def build(db_url: str, total: int, now: float) -> None:
@@ -92,20 +112,52 @@ def build(db_url: str, total: int, now: float) -> None:
                        "false, '{}')")
         # psycopg2 reads % as a parameter marker.
         sql = PG_FILL.replace(" % ", " %% ") if db_url.startswith("postgres") else SQLITE_FILL
+        text_sql = TEXT_FILL.format(**(PG_TEXT if db_url.startswith("postgres") else SQLITE_TEXT))
         for start in range(0, total, chunk):
             stop = min(total, start + chunk) - 1
             with db.atomic():
                 db.execute_sql(sql.format(start=start, stop=stop, domain=DOMAIN, t0=t0, step=step,
                                           rcpts=RCPTS, msgs=MSGS))
+                db.execute_sql(text_sql.format(start=start, stop=stop))
             done = stop + 1
             rate = done / (time.perf_counter() - started)
             print(f"  {done:,} events ({rate:,.0f}/s)", flush=True)
         if db_url.startswith("postgres"):
             db.execute_sql("ANALYZE event")
+            db.execute_sql("ANALYZE event_text")
         else:
             db.execute_sql("ANALYZE")
     finally:
         store.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its descendants (Linux /proc)."""
+    total = 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += cpu_seconds(int(child))
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return total
+
+
+def backend_cpu(db_url: str) -> float:
+    """CPU seconds of the PostgreSQL backends serving the bench database (a local server), or 0."""
+    if not db_url.startswith("postgres"):
+        return 0.0
+    import psycopg2
+    conn = psycopg2.connect(db_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND pid <> pg_backend_pid()")
+            return sum(cpu_seconds(pid) for (pid,) in cur.fetchall())
+    finally:
+        conn.close()
 
 
 def timed(session, url, params=None) -> tuple[float, dict]:
@@ -134,7 +186,6 @@ def main() -> int:
         data_dir.mkdir(parents=True)
         key = init_data_dir(data_dir, args.db_url or None, ["log.level=WARNING"])
         keyfile.write_text(key)
-        from mailplat import config as configmod
         db_url = configmod.load(data_dir=data_dir).db_url
         print(f"building {args.events:,} events in {db_url} ...", flush=True)
         t = time.perf_counter()
@@ -145,6 +196,7 @@ def main() -> int:
     now_text, total_text = (data_dir / "bench-now").read_text().split()
     now, total = float(now_text), int(total_text)
     srv = serve(data_dir, key, ["api"])
+    db_url = configmod.load(data_dir=data_dir).db_url
     try:
         s = requests.Session()
         s.auth = ("api", key)
@@ -160,20 +212,35 @@ def main() -> int:
             "one message-id": lambda: {"message-id": f"m{rnd.randrange(min(MSGS, total // 5 or 1))}@{DOMAIN}"},
             "time window begin/end": lambda: {"begin": repr(now - 20 * 86400), "end": repr(now - 19 * 86400),
                                               "limit": 300},
-            "subject phrase (row-by-row filter)": lambda: {"subject": f'"Issue {rnd.randrange(1000)}"', "limit": 10},
+            # Subject text: "Issue N" is in 0.1% (N >= 100) to 11% (N < 10) of events, "[kN]" in 1 of
+            # 99,991, "issue" in all; NOT of a 0.1% phrase keeps nearly all.
+            "subject phrase \"Issue N\" (0.1%-11%)":
+                lambda: {"subject": f'"Issue {rnd.randrange(1000)}"', "limit": 10},
+            "subject phrase, limit 100": lambda: {"subject": f'"Issue {rnd.randrange(1000)}"', "limit": 100},
+            "subject rare term [kN] (1 in 99,991)": lambda: {"subject": f"[k{rnd.randrange(99991)}]"},
+            "subject rare OR rare": lambda: {"subject": f"[k{rnd.randrange(99991)}] OR [k{rnd.randrange(99991)}]"},
+            "subject common word (every event)": lambda: {"subject": "issue", "limit": 100},
+            "subject NOT phrase": lambda: {"subject": f'NOT "Issue {rnd.randrange(100, 1000)} "', "limit": 100},
+            "subject common AND rare, ascending": lambda: {"subject": f"issue [k{rnd.randrange(99991)}]",
+                                                           "ascending": "yes"},
+            "from + subject phrase": lambda: {"from": "news@", "subject": f'"Issue {rnd.randrange(1000)}"'},
         }
-        print(f"\n{'query':62} {'p50 ms':>8} {'p99 ms':>8} {'items':>6}")
+        print(f"\n{'query':62} {'p50 ms':>8} {'p99 ms':>8} {'items':>6} {'CPU ms/q':>8} {'DB CPU':>7}")
         for name, make in queries.items():
             for _ in range(5):
                 timed(s, base, make())
             lat, items = [], 0
+            cpu, db_cpu = cpu_seconds(srv.proc.pid), backend_cpu(db_url)
             for _ in range(args.runs):
                 el, body = timed(s, base, make())
                 lat.append(el)
                 items += len(body["items"])
             lat.sort()
             p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-            print(f"{name:62} {statistics.median(lat) * 1000:8.1f} {p99 * 1000:8.1f} {items // args.runs:6}")
+            cpu = (cpu_seconds(srv.proc.pid) - cpu) / args.runs
+            db_cpu = (backend_cpu(db_url) - db_cpu) / args.runs
+            print(f"{name:62} {statistics.median(lat) * 1000:8.1f} {p99 * 1000:8.1f} {items // args.runs:6} "
+                  f"{cpu * 1000:8.1f} {db_cpu * 1000:7.1f}", flush=True)
         # Following paging.next the way mailgun.js does.
         _, body = timed(s, base, {"limit": 300})
         lat = []

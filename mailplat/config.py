@@ -111,6 +111,9 @@ class RelayConfig:
     max_lifetime_seconds: float = 5 * 86400.0
     # Seconds between attempts; the last figure repeats until the lifetime runs out.
     retry_schedule: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0)
+    # Attempts after which temporary failures give up (reason "maxfails"); 0: only the lifetime
+    # limits retrying (reason "old").
+    max_attempts: int = 0
     connect_timeout: float = 30.0
     # Deliver to MX hosts resolving to loopback/private addresses (tests and closed networks).
     allow_private_mx: bool = False
@@ -300,6 +303,8 @@ def _validate(cfg: Config, problems: list) -> None:
         problems.append(("relay.workers", "workers and per_destination must be at least 1"))
     if not cfg.relay.retry_schedule or any(s <= 0 for s in cfg.relay.retry_schedule):
         problems.append(("relay.retry_schedule", "must be a non-empty list of positive seconds"))
+    if cfg.relay.max_attempts < 0:
+        problems.append(("relay.max_attempts", "must be 0 (no limit) or a positive number of attempts"))
     if bool(cfg.tls.cert) != bool(cfg.tls.key):
         problems.append(("tls", "set both cert and key, or neither"))
     for key_name, path in (("tls.cert", cfg.tls.cert), ("tls.key", cfg.tls.key)):

@@ -6,25 +6,37 @@ on numeric fields (size) `>N`, `<N`, `>=N`, `<=N` and `N` compare, so `>1000 <50
 Also the matching of each filter field against a stored event (event, recipient, from, to,
 subject, message-id, tags, severity, attachment, size, list), and the SQL pushdown the
 indexed columns allow (a plain OR-list of values on event, recipient, message-id, severity
-becomes an IN on the (domain, column, timestamp) indexes); everything else is matched in
-Python on the rows the indexed walk yields.  api/views/events.py calls `sql_conditions` and
-`python_filter`.
+becomes an IN on the (domain, column, timestamp) indexes) and the text fields (subject, from,
+to, attachment) have as SQL over store.models.EventText (`search_text` builds its row).  Those
+become two things: `text_condition`, the exact filter as SQL (instr / LIKE on the lower-cased
+text), which lets the timestamp walk skip non-matching rows without reading their JSON, and
+`index_probe`, a necessary condition the substring index answers (FTS5 trigram MATCH on SQLite,
+LIKE through the pg_trgm GIN index on PostgreSQL; NOT and terms under 3 characters give none),
+which finds the candidate rows of a rare term.  Python still checks every returned row
+(`python_filter`).  api/views/events.py decides which plan a page takes.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
+import peewee as pw
+
 from ..errors import InputError
-from ..store.models import Event
+from ..store.models import Event, EventText
 
 FIELDS = ("event", "recipient", "from", "to", "subject", "message-id", "tags", "severity",
           "attachment", "size", "list")
 SQL_FIELDS = {"event": Event.event, "recipient": Event.recipient, "message-id": Event.message_id,
               "severity": Event.severity}
+TEXT_FIELDS = {"subject": EventText.subject, "from": EventText.from_text, "to": EventText.to_text,
+               "attachment": EventText.attachment}
+_NUL = "\ufffd"  # stands for NUL in EventText
 NUMERIC = {"size"}
 MAX_TERMS = 100
 _TOKEN = re.compile(r'\s*(?:(\()|(\))|"((?:[^"\\]|\\.)*)"|([^\s()"]+))')
+_PG_EDGES = re.compile(r"^[\W_]+|[\W_]+$")
+_PG_WORD = re.compile(r"[^\W_]{3}")
 _CMP = re.compile(r"^(>=|<=|>|<|=)?(-?\d+(?:\.\d+)?)$")
 
 
@@ -226,3 +238,118 @@ def python_filter(trees: dict, skip: set):
     def keep(data: dict) -> bool:
         return all(_eval(tree, name, _field_values(name, data)) for name, tree in checks)
     return keep
+
+
+# -- text search -----------------------------------------------------------------------------------
+def search_text(data: dict) -> dict:
+    """The EventText row values of an event: each text field exactly as matching sees it, but
+    NUL (which PostgreSQL text cannot hold) as U+FFFD; terms holding either are left to Python,
+    so for every other term SQL's substring test and Python's agree."""
+    return {col.name: _field_values(name, data).replace("\x00", _NUL) for name, col in TEXT_FIELDS.items()}
+
+
+def _text_sql(node, col, postgres: bool):
+    if isinstance(node, Term):
+        want = node.value.lower()
+        if postgres:
+            like = "%" + want.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            return pw.Expression(col, "LIKE", like)
+        return pw.fn.instr(col, want) > 0
+    if isinstance(node, Not):
+        return ~_text_sql(node.node, col, postgres)
+    parts = [_text_sql(n, col, postgres) for n in node.nodes]
+    out = parts[0]
+    for p in parts[1:]:
+        out = (out & p) if isinstance(node, And) else (out | p)
+    return out
+
+
+def _terms(node):
+    if isinstance(node, Term):
+        yield node
+    elif isinstance(node, Not):
+        yield from _terms(node.node)
+    else:
+        for n in node.nodes:
+            yield from _terms(n)
+
+
+def _text_trees(trees: dict) -> list:
+    """(column, tree) of the text filters SQL can state exactly (see search_text)."""
+    return [(TEXT_FIELDS[name], tree) for name, tree in trees.items()
+            if name in TEXT_FIELDS and not any("\x00" in t.value or _NUL in t.value for t in _terms(tree))]
+
+
+def text_condition(trees: dict, postgres: bool):
+    """The text filters as one exact SQL condition over EventText, or None when there are none."""
+    conds = [_text_sql(tree, col, postgres) for col, tree in _text_trees(trees)]
+    if not conds:
+        return None
+    out = conds[0]
+    for c in conds[1:]:
+        out = out & c
+    return out
+
+
+def _probe(node, column: str, postgres: bool, common):
+    """A tree of terms every match of `node` contains, that the index can look up, or None."""
+    if isinstance(node, Term):
+        want = node.value.lower()
+        # The longest stretch of the term whose trigrams are all uncommon: a trigram most events
+        # have makes the index read that trigram's whole list of rows.
+        count, best, start = len(want) - 2, "", 0
+        for i in range(max(count, 0) + 1):
+            if i == count or common(column, want[i:i + 3]):
+                if i > start and i - start + 2 > len(best):
+                    best = want[start:i + 2]
+                start = i + 1
+        if postgres:
+            # pg_trgm pads the words of a LIKE pattern, so an edge that is not a letter or
+            # digit adds "  x" trigrams most rows share; and a pattern without a 3-character
+            # word gives the GIN scan nothing to narrow by (it reads the whole index).
+            best = _PG_EDGES.sub("", best)
+            return Term(best) if _PG_WORD.search(best) else None
+        return Term(best) if best else None
+    if isinstance(node, Not):
+        return None
+    parts = [_probe(n, column, postgres, common) for n in node.nodes]
+    if isinstance(node, Or):
+        return None if any(p is None for p in parts) else Or(tuple(parts))
+    parts = [p for p in parts if p is not None]
+    return (parts[0] if len(parts) == 1 else And(tuple(parts))) if parts else None
+
+
+def text_share(trees: dict, rows: list) -> float:
+    """The share of `rows` (EventText values in TEXT_FIELDS order) the text filters keep."""
+    names = list(TEXT_FIELDS)
+    checks = [(names.index(n), n, t) for n, t in trees.items() if n in TEXT_FIELDS]
+    return sum(all(_eval(t, n, row[i]) for i, n, t in checks) for row in rows) / max(len(rows), 1)
+
+
+def index_probe(trees: dict, postgres: bool, common=lambda column, trigram: False) -> dict:
+    """{field: tree of terms} the substring index can look up for the text filters, each a
+    necessary condition of its filter (`common(column, trigram)` says which trigrams to leave
+    out); empty when the filters bound nothing (no text filter, only NOT, short terms or terms
+    of common trigrams only).  `text_share` estimates it, `probe_condition` states it."""
+    out = {}
+    for col, tree in _text_trees(trees):
+        name = next(n for n, c in TEXT_FIELDS.items() if c is col)
+        found = _probe(tree, col.column_name, postgres, common)
+        if found is not None:
+            out[name] = found
+    return out
+
+
+def _fts(node, column: str) -> str:
+    if isinstance(node, Term):
+        return "{%s}:\"%s\"" % (column, node.value.replace('"', '""'))
+    op = " AND " if isinstance(node, And) else " OR "
+    return "(" + op.join(_fts(n, column) for n in node.nodes) + ")"
+
+
+def probe_condition(probes: dict, postgres: bool):
+    """`index_probe`'s terms as an FTS5 MATCH string (SQLite) or a LIKE condition over
+    EventText that the pg_trgm index serves (PostgreSQL)."""
+    if postgres:
+        return text_condition(probes, True)
+    return " AND ".join(_fts(tree, TEXT_FIELDS[name].column_name) for name, tree in probes.items())

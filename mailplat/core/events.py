@@ -1,7 +1,8 @@
 """Events: building Mailgun-shaped event records and storing them.
 
-Owns the event JSON (`build`) and its row (`record_sync`, called inside the same transaction
-as the change it describes).  Every service that makes something happen to mail records it
+Owns the event JSON (`build`) and its rows (`record_sync`, called inside the same transaction
+as the change it describes): the Event and its EventText, the lower-cased text the events API's
+text filters search (core.eventquery.search_text).  Every service that makes something happen to mail records it
 here; the events API (api/views/events.py) reads them.
 """
 from __future__ import annotations
@@ -10,7 +11,8 @@ import secrets
 import time
 
 from ..store.db import insert_rows
-from ..store.models import Event, Message
+from ..store.models import Event, EventText, Message
+from .eventquery import search_text
 
 
 # fn(domain, data) run inside record_sync's transaction after the row is written: webhooks
@@ -97,7 +99,8 @@ def _row(domain: str, data: dict) -> dict:
 
 def record_sync(domain: str, data: dict) -> None:
     """Store an event built by `build`; call inside the transaction of the change it describes."""
-    Event.insert(**_row(domain, data)).execute()
+    row_id = Event.insert(**_row(domain, data)).execute()
+    EventText.insert(event=row_id, **search_text(data)).execute()
     for hook in RECORD_HOOKS:
         hook(domain, data)
 
@@ -107,7 +110,10 @@ def record_many_sync(domain: str, datas: list[dict]) -> None:
     if not datas:
         return
     for i in range(0, len(datas), 100):
-        insert_rows(Event, [_row(domain, d) for d in datas[i:i + 100]])
+        chunk = datas[i:i + 100]
+        insert_rows(Event, [_row(domain, d) for d in chunk])
+        ids = dict(Event.select(Event.event_id, Event.id).where(Event.event_id.in_([d["id"] for d in chunk])).tuples())
+        insert_rows(EventText, [{"event": ids[d["id"]], **search_text(d)} for d in chunk])
     for hook in RECORD_HOOKS:
         many = getattr(hook, "many", None)
         if many is not None:

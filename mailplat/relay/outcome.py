@@ -1,11 +1,18 @@
 """What an outbound attempt means, recorded in the same transaction as the queue update.
 
 Owns the classification of results (2xx delivered; 4xx, connection and TLS-policy trouble
-temporary with back-off; 5xx and DNS verdicts permanent, reason by enhanced status code;
-temporary past relay.max_lifetime_seconds becomes permanent, reason "old"), the Mailgun
+temporary with back-off; 5xx and DNS verdicts permanent, reason by enhanced status code), the
+end of retrying a temporary failure, and the Mailgun
 `delivery-status` object, and the `*_sync` writers that update the queue row (store.queue),
 record the `delivered` / `failed` event (core.events) and add bounces (store.models.Bounce),
 all inside one store write.
+
+Retrying ends, and the temporary failure becomes a permanent `failed` event without a bounce,
+in one of two ways: the attempt that reaches relay.max_attempts (when set, > 0) fails with
+reason "maxfails" (a soft bounce retried until the attempt limit, the legacy `dropped` webhook's
+"maxfails"); an attempt made once the queue lifetime (relay.max_lifetime_seconds from the
+first try) has run out fails with reason "old" (the message expired).  When both hold, the
+attempt limit is what is reported.
 """
 from __future__ import annotations
 
@@ -96,10 +103,11 @@ def delivered_sync(item: QueueItem, owner: str, result: Result, now: float, test
 
 
 def failed_sync(item: QueueItem, owner: str, result: Result, now: float, schedule: tuple[float, ...],
-                max_lifetime: float) -> dict:
-    """Record a failed attempt: a temporary one is rescheduled with back-off unless the queue
-    lifetime has run out (then it is permanent, reason "old").  Returns what was decided, or
-    {} when the lease was lost (another worker owns the row now)."""
+                max_lifetime: float, max_attempts: int = 0) -> dict:
+    """Record a failed attempt: a temporary one is rescheduled with back-off unless it was the
+    last allowed (reason "maxfails") or the queue lifetime has run out (reason "old"); see the
+    module docstring.  Returns what was decided, or {} when the lease was lost (another worker
+    owns the row now)."""
     attempt_no = item.attempts + 1
     message = item.message
     permanent, reason, bounce = result.permanent, result.reason, result.bounce
@@ -107,7 +115,11 @@ def failed_sync(item: QueueItem, owner: str, result: Result, now: float, schedul
     retry_seconds = None
     if not permanent:
         expires = queue.lifetime_start_sync(item) + max_lifetime
-        if now >= expires:
+        if 0 < max_attempts <= attempt_no:
+            permanent, reason, bounce = True, "maxfails", False
+            result.description = (f"Gave up after {attempt_no} attempts (the most allowed); "
+                                  f"last error: {result.message}")
+        elif now >= expires:
             permanent, reason, bounce = True, "old", False
             result.description = (f"Gave up after {attempt_no} attempts over the queue lifetime "
                                   f"({int(max_lifetime)} s); last error: {result.message}")

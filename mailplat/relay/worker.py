@@ -413,7 +413,8 @@ class Worker:
                            mx_host=result.mx_host, code=result.code, tls=result.tls)
             else:
                 decided = await self.ctx.store.write_background(outcome.failed_sync, job.item, self.owner, result, now,
-                                                     self.cfg.retry_schedule, self.cfg.max_lifetime_seconds)
+                                                     self.cfg.retry_schedule, self.cfg.max_lifetime_seconds,
+                                                     self.cfg.max_attempts)
                 logs.event(log, "delivery failed", level=logging.WARNING, queue_id=job.item.id,
                            recipient=job.item.recipient, code=result.code, error=result.message,
                            permanent=decided.get("permanent"), lease_lost=not decided)

@@ -9,20 +9,33 @@ opaque token holding the query and the position, so mailgun.js (which requests
 /v3/<domain>/events/<last segment>) and plain HTTP clients (which GET the URL) both page.
 Every page, an empty last one too, carries paging.  Items are the stored event JSON
 (core/events.build); this module only reads.
+
+Text filters (subject, from, to, attachment) take one of two plans per page.  A term the
+substring index finds in at most PROBE_CAP events (of all domains) is rare: those candidates'
+rows are fetched by id, sorted and paged.  Otherwise (a common term, one a sample of events
+says is not rare, or only NOT / short terms)
+the walk goes down the (domain, timestamp) index joined to event_text and tests the exact text
+condition in SQL, reading the JSON of matching rows only; at most MAX_SCAN rows per page, as
+before.  The probe leaves out trigrams common in a sample of events: FTS5 reads a
+phrase's every doclist whole (pg_trgm's GIN scan its posting lists), and a common trigram's
+costs as much as the walk.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import json
+import random
+import time
 
+import peewee as pw
 from aiohttp import web
 
 from ...core import eventquery
 from ...core.context import Context
 from ...core.timefmt import parse_time
 from ...errors import InputError, NotFound
-from ...store.models import Domain, Event
+from ...store.models import Domain, Event, EventText
 from ..forms import loose_bool, query
 from ..middleware import json_response
 
@@ -33,6 +46,14 @@ MAX_LIMIT = 300
 # land behind a poller's cursor and never be seen.
 SETTLE_SECONDS = 2.0
 MAX_SCAN = 20_000  # rows examined per page when Python-side filters (from, tags) reject many
+PROBE_CAP = 2_000  # a text term the index finds in more events than this is walked for
+# The text of SAMPLE events at random (drawn again every SAMPLE_SECONDS) says which trigrams are
+# COMMON, left out of the index probe, and how many events the probe would find, so that one
+# finding more than PROBE_CAP is not run.  A store smaller than SAMPLE has no sample.
+SAMPLE = 2000
+COMMON = 0.02
+SAMPLE_SECONDS = 60.0
+_sample: list = [float("-inf"), None, 0, {}]  # taken at (monotonic), rows or None, events, memo
 _FILTERS = eventquery.FIELDS
 
 
@@ -106,6 +127,52 @@ def _before(ts: float, rid: int):
     return (Event.timestamp <= ts) & ((Event.timestamp < ts) | (Event.id < rid))
 
 
+def _sample_rows() -> tuple[list | None, int, dict]:
+    """SAMPLE events' text at random (newest ones alone may be one campaign's), about how many
+    events there are, and the memo of what was worked out from them."""
+    now = time.monotonic()
+    if now - _sample[0] > SAMPLE_SECONDS or len(_sample[3]) > 10_000:
+        lo, hi = EventText.select(pw.fn.MIN(EventText.event), pw.fn.MAX(EventText.event)).scalar(as_tuple=True)
+        rows, total = None, 0
+        if lo is not None and hi - lo + 1 >= SAMPLE:
+            ids = random.sample(range(lo, hi + 1), SAMPLE)
+            rows = list(EventText.select(*eventquery.TEXT_FIELDS.values()).where(EventText.event.in_(ids)).tuples())
+            total = round((hi - lo + 1) * len(rows) / SAMPLE)
+            rows = rows if len(rows) >= SAMPLE // 2 else None
+        _sample[:] = [now, rows, total, {}]
+    return _sample[1], _sample[2], _sample[3]
+
+
+def _candidates(trees: dict, postgres: bool) -> list[int] | None:
+    """The row ids the substring index finds for the text filters (a superset of the matches),
+    or None when it bounds nothing or finds (or by the sample would find) more than PROBE_CAP:
+    the walk is then as good."""
+    rows, total, memo = _sample_rows()
+    columns = [f.column_name for f in eventquery.TEXT_FIELDS.values()]
+
+    def common(column: str, trigram: str) -> bool:
+        if rows is None:
+            return False
+        hit = memo.get((column, trigram))
+        if hit is None:
+            i = columns.index(column)
+            hit = memo[(column, trigram)] = sum(trigram in r[i] for r in rows) >= COMMON * len(rows)
+        return hit
+
+    probes = eventquery.index_probe(trees, postgres, common)
+    if not probes:
+        return None
+    if rows is not None and eventquery.text_share(probes, rows) * total > PROBE_CAP:
+        return None
+    probe = eventquery.probe_condition(probes, postgres)
+    if postgres:
+        ids = [i for (i,) in EventText.select(EventText.event).where(probe).limit(PROBE_CAP + 1).tuples()]
+    else:
+        ids = [i for (i,) in EventText._meta.database.execute_sql(
+            "SELECT rowid FROM event_fts WHERE event_fts MATCH ? LIMIT ?", (probe, PROBE_CAP + 1))]
+    return ids if len(ids) <= PROBE_CAP else None
+
+
 def _page_sync(domain: str, q: dict, pos: list | None, back: bool, now: float, retention: float = 0.0):
     """One page in presentation order: (items, first position, last position, exists)."""
     if Domain.get_or_none(Domain.name == domain) is None:
@@ -114,7 +181,16 @@ def _page_sync(domain: str, q: dict, pos: list | None, back: bool, now: float, r
     asc = q["asc"] != back  # the walk's direction in the table
     trees = eventquery.compile_filters(q["f"])
     sql, settled = eventquery.sql_conditions(trees)
+    postgres = isinstance(Event._meta.database.obj, pw.PostgresqlDatabase)
+    text = eventquery.text_condition(trees, postgres)
     conds = [Event.domain == domain] + sql
+    candidates = None
+    if text is not None:
+        candidates = _candidates(trees, postgres)
+        if candidates is not None:
+            if not candidates:
+                return [], None
+            conds.append(Event.id.in_(candidates))
     if lo is not None:
         conds.append(Event.timestamp >= lo)
     if hi is not None:
@@ -130,13 +206,25 @@ def _page_sync(domain: str, q: dict, pos: list | None, back: bool, now: float, r
     limit = q["limit"]
     found: list[tuple[float, int, dict]] = []
     scanned = 0
-    batch = limit if keep is None else max(limit, 200)
+    if text is None:
+        select = Event.select(Event.id, Event.timestamp, Event.data)
+        batch = limit if keep is None else max(limit, 200)
+    else:
+        # Rows failing the text condition come back without their JSON: cheap to skip, so the
+        # walk's batches grow while few match.
+        select = (Event.select(Event.id, Event.timestamp, pw.Case(None, [(text, Event.data)], None))
+                  .join(EventText, on=(EventText.event == Event.id)))
+        batch = limit if candidates is not None else max(limit, 200)
     cursor_conds = list(conds)
     while len(found) < limit:
-        rows = list(Event.select(Event.id, Event.timestamp, Event.data).where(*cursor_conds)
-                    .order_by(*order).limit(batch).tuples())
+        # The driver's rows as they come (peewee's per-row conversion would cost more than the
+        # SQL); data is the stored JSON text.
+        rows = Event._meta.database.execute_sql(*select.where(*cursor_conds).order_by(*order).limit(batch).sql()).fetchall()
         for rid, ts, data in rows:
             scanned += 1
+            if data is None:
+                continue
+            data = json.loads(data)
             if keep is None or keep(data):
                 found.append((ts, rid, data))
                 if len(found) >= limit:
@@ -149,6 +237,8 @@ def _page_sync(domain: str, q: dict, pos: list | None, back: bool, now: float, r
             break
         last_ts, last_id = rows[-1][1], rows[-1][0]
         cursor_conds = conds + [_after(last_ts, last_id) if asc else _before(last_ts, last_id)]
+        if text is not None:
+            batch = min(batch * 4, 5000)
     return _present(found, back), None
 
 
