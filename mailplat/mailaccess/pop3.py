@@ -187,12 +187,18 @@ class POP3Server(LineReceiver, TimeoutMixin):
         self.transport.startTLS(self.factory.tls)
         self.tls_started = True
 
-    async def c_user(self, args, line):
+    def _may_log_in(self) -> bool:
+        """Not logged in yet, and credentials may travel here (TLS, or loopback in dev mode)."""
         if self.mbid is not None:
             self._err(b"Already logged in")
-            return
+            return False
         if not realm.may_send_password(self.ctx, self.transport, self.secure()):
             self._err(b"[SYS/PERM] Use STLS (or port 995) before sending credentials")
+            return False
+        return True
+
+    async def c_user(self, args, line):
+        if not self._may_log_in():
             return
         self.user_name = line[5:].strip()
         self.send(b"+OK Send PASS")
@@ -207,11 +213,7 @@ class POP3Server(LineReceiver, TimeoutMixin):
 
     async def c_auth(self, args, line):
         """AUTH PLAIN [initial-response] (RFC 5034 with SASL PLAIN, RFC 4616)."""
-        if self.mbid is not None:
-            self._err(b"Already logged in")
-            return
-        if not realm.may_send_password(self.ctx, self.transport, self.secure()):
-            self._err(b"[SYS/PERM] Use STLS (or port 995) before sending credentials")
+        if not self._may_log_in():
             return
         if not args or len(args) > 2 or args[0].upper() != b"PLAIN":
             self._err(b"Unsupported authentication mechanism")
