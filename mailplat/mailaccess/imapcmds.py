@@ -114,6 +114,19 @@ def _match(pattern: str, name: str) -> bool:
     return re.fullmatch(rx, name, re.S) is not None
 
 
+def _fetch_rows_sync(folder_id: int, uids: list[int], rows: list | None, items, changedsince: int | None):
+    """In one store read: the rows (unless given) changed after `changedsince`, and the bodies
+    the FETCH items need (none when they ask only for cached structure)."""
+    if rows is None:
+        rows = mailboxes.message_rows_sync(folder_id, uids)
+    if changedsince is not None:
+        rows = [r for r in rows if r.modseq > changedsince]
+    blobs = None
+    if items.needs_body and rows and not structure_cached(items, rows):
+        blobs = mailboxes.blob_bytes_sync(list({r.blob for r in rows}))
+    return rows, blobs
+
+
 class Commands:
     """Mailbox commands, mixed into IMAPServer (which provides send(), ctx, state, ...)."""
 
@@ -135,7 +148,8 @@ class Commands:
             return
         if all_uids is not None:
             if not allow_expunge:
-                return  # report later, when EXPUNGE responses are allowed
+                sel.version = -1  # report later, when EXPUNGE responses are allowed
+                return
             present = set(all_uids)
             for i in range(len(sel.uids) - 1, -1, -1):
                 if sel.uids[i] not in present:
@@ -153,6 +167,21 @@ class Commands:
                     extra = b" MODSEQ (%d)" % r.modseq if "CONDSTORE" in self.enabled else b""
                     self.send(b"* %d FETCH (UID %d FLAGS %s%s)" % (seq, r.uid, _flags_bytes(r.flags), extra))
         sel.modseq = max(sel.modseq, info.highestmodseq)
+
+    def _wrote(self, modseq: int | None) -> bool:
+        """After this session changed its selected folder (`modseq`: the change's, None when
+        nothing changed): other sessions are told.  When the folder was exactly as this session
+        last saw it (the change took the very next modseq), the view stays exact without being
+        read back: True, and the caller applies its own change to the view."""
+        sel = self.sel
+        if modseq is None:
+            return False
+        mailboxes.changed(sel.folder_id)
+        if modseq != sel.modseq + 1:
+            return False  # something else happened too: the next refresh reads it
+        sel.modseq = modseq
+        sel.version = mailboxes.version(sel.folder_id)
+        return True
 
     def deselect(self) -> None:
         self.sel = None
@@ -293,7 +322,7 @@ class Commands:
     async def c_close(self, tag, args):
         sel = self.sel
         if not sel.readonly:
-            uids = await self.ctx.store.write(mailboxes.expunge_sync, sel.folder_id)
+            uids, _ = await self.ctx.store.write(mailboxes.expunge_sync, sel.folder_id)
             if uids:
                 mailboxes.changed(sel.folder_id)
         self.deselect()
@@ -320,11 +349,10 @@ class Commands:
         elif args:
             raise Bad(b"EXPUNGE takes no arguments")
         await self.refresh()
-        gone = await self.ctx.store.write(mailboxes.expunge_sync, sel.folder_id, only)
+        gone, modseq = await self.ctx.store.write(mailboxes.expunge_sync, sel.folder_id, only)
         self._expunged(gone)
-        mailboxes.changed(sel.folder_id)
-        sel.version = mailboxes.version(sel.folder_id)
-        await self.refresh(force=True)
+        self._wrote(modseq)
+        await self.refresh()
         return b"EXPUNGE completed"
 
     def _expunged(self, uids: list[int]) -> None:
@@ -357,22 +385,16 @@ class Commands:
         for i in range(0, len(targets), step):
             chunk = targets[i:i + step]
             uids = [u for _, u in chunk]
+            rows = None
             if set_seen:
                 rows, changed, _ = await self.ctx.store.write(
                     mailboxes.store_flags_sync, sel.folder_id, uids, ["\\Seen"], 1)
                 if changed:
-                    mailboxes.changed(sel.folder_id)
-                    sel.version = mailboxes.version(sel.folder_id)
+                    self._wrote(max(r.modseq for r in rows))
                     if "FLAGS" not in items.names:
                         items.names.append("FLAGS")
-            else:
-                rows = await self.ctx.store.read(mailboxes.message_rows_sync, sel.folder_id, uids)
-            if changedsince is not None:
-                rows = [r for r in rows if r.modseq > changedsince]
+            rows, blobs = await self.ctx.store.read(_fetch_rows_sync, sel.folder_id, uids, rows, items, changedsince)
             by_uid = {r.uid: r for r in rows}
-            blobs = None
-            if items.needs_body and rows and not structure_cached(items, rows):
-                blobs = await self.ctx.store.read(mailboxes.blob_bytes_sync, list({r.blob for r in rows}))
             work = [(seq, by_uid[u]) for seq, u in chunk if u in by_uid]
             if not work:
                 continue
@@ -433,8 +455,7 @@ class Commands:
         rows, changed, failed = await self.ctx.store.write(
             mailboxes.store_flags_sync, sel.folder_id, uids, flags, mode, unchangedsince)
         if changed:
-            mailboxes.changed(sel.folder_id)
-            sel.version = mailboxes.version(sel.folder_id)
+            self._wrote(max(r.modseq for r in rows))
         show_modseq = "CONDSTORE" in self.enabled
         if not m.group(2) or show_modseq:
             for r in rows:
@@ -544,13 +565,18 @@ class Commands:
         if not data:
             raise No(b"Cannot save an empty message")
         try:
-            fid, validity, new_uid = await self.ctx.store.write(
+            fid, validity, new_uid, modseq = await self.ctx.store.write(
                 mailboxes.append_sync, self.mbid, name, data, flags, date)
         except NotFound:
             raise No(b"[TRYCREATE] No such mailbox") from None
         except mailboxes.OverQuota:
             raise No(b"[OVERQUOTA] Mailbox is over its quota") from None
-        mailboxes.changed(fid)
+        sel = self.sel
+        if sel is None or sel.folder_id != fid:
+            mailboxes.changed(fid)
+        elif self._wrote(modseq):
+            sel.uids.append(new_uid)
+            self.send(b"* %d EXISTS" % len(sel.uids))
         await self.refresh()
         return b"[APPENDUID %d %d] APPEND completed" % (validity, new_uid)
 
