@@ -3,12 +3,13 @@
 Owns: reading commands safely (lines capped at 64 KB; literals checked before any `+` is sent:
 negative, non-numeric or oversized sizes are refused at once, APPEND over APPENDLIMIT gets
 `NO [TOOBIG]`, LITERAL+ honoured, literal bytes spooled with a cap; nesting capped by the
-tokenizer), one command at a time per session (reading pauses while a command runs, which is
-also the back-pressure), STARTTLS with buffered plaintext dropped, LOGINDISABLED before TLS
-(loopback excepted in dev mode), LOGIN and AUTHENTICATE PLAIN through realm.login, and the
-non-mailbox commands (CAPABILITY, NOOP, LOGOUT, ID, ENABLE, NAMESPACE).  Mailbox commands live
-in imapcmds.py; meaning lives in core.mailboxes; store calls run in threads via the store's
-async API, so the reactor never blocks.
+tokenizer), one command at a time per session (lines wait while a command runs, and the
+socket is not read while they do, which is also the back-pressure), STARTTLS with buffered
+plaintext dropped, LOGINDISABLED before TLS (loopback excepted in dev mode), LOGIN and
+AUTHENTICATE PLAIN through realm.login, and the non-mailbox commands (CAPABILITY, NOOP, LOGOUT,
+ID, ENABLE, NAMESPACE).  Mailbox commands live in imapcmds.py; meaning lives in
+core.mailboxes; store calls run in threads via the store's async API, so the reactor never
+blocks.
 
 Built on Twisted's LineReceiver, transports and TLS rather than twisted.mail.imap4.IMAP4Server:
 that class calls its mailbox synchronously in many places (CREATE/DELETE/RENAME, FETCH message
@@ -83,6 +84,7 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
         self._cont: asyncio.Future | None = None
         self._idle_done: asyncio.Event | None = None
         self._closed = False
+        self._reading_paused = False
         self._task: asyncio.Task | None = None
 
     # -- connection ----------------------------------------------------------------------------
@@ -251,22 +253,35 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
             self.close(b"Too many errors")
 
     # -- dispatch ---------------------------------------------------------------------------------
+    # While a command runs, received lines wait in LineReceiver's buffer (`paused`).  The socket
+    # itself stops being read only when bytes arrive meanwhile (a pipelining client): most
+    # clients wait for the answer, and pausing and resuming the reader on every command would
+    # cost two epoll calls each time.
+    def dataReceived(self, data: bytes):
+        if self.paused and data and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+        super().dataReceived(data)
+
     def _pause(self):
         self._busy = True
         self.paused = True
-        self.transport.pauseProducing()
 
     def _hold(self):
         self.paused = True
-        self.transport.pauseProducing()
+
+    def _read_on(self):
+        """Handle lines again (those already buffered first)."""
+        self.paused = False
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+        self.dataReceived(b"")
 
     def _resume(self):
         self._busy = False
-        if self._closed:
-            return
-        self.paused = False
-        self.transport.resumeProducing()
-        self.dataReceived(b"")
+        if not self._closed:
+            self._read_on()
 
     def _dispatch(self, cmd: _Command) -> None:
         self._pause()
@@ -378,9 +393,7 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
         else:
             self.send(b"+ ")
             self._cont = asyncio.get_running_loop().create_future()
-            self.paused = False  # read the continuation line
-            self.transport.resumeProducing()
-            self.dataReceived(b"")
+            self._read_on()  # read the continuation line
             data = await self._cont
         if data.strip() == b"*":
             raise Bad(b"Authentication cancelled")
@@ -413,9 +426,7 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
         fid = self.sel.folder_id if self.sel is not None else None
         if fid is not None:
             mailboxes.watch(fid, wake.set)
-        self.paused = False  # read DONE while the command runs
-        self.transport.resumeProducing()
-        self.dataReceived(b"")
+        self._read_on()  # read DONE while the command runs
         try:
             while not self._idle_done.is_set() and not self._closed:
                 waiter = asyncio.ensure_future(wake.wait())
