@@ -17,13 +17,16 @@ import time
 from ..core import mailboxes
 from ..errors import Conflict, InputError, NotFound
 from . import mime
-from .imaprender import _flags_bytes, _needs_content, render_fetch, search_chunk, structure_cached
+from .imaprender import (_flags_bytes, _needs_content, needs_parse, render_fetch, search_chunk,
+                         structure_cached)
 from .imapparse import (Atom, Literal, ParseError, SeqSet, astring, fetch_items, mutf7_decode,
                         mutf7_encode, number, search_keys, seqset)
 
 SENT = object()  # the handler has already sent the tagged response
 CHUNK = 200
 META_CHUNK = 5000  # FETCH without bodies: rows per store read
+INLINE_BYTES = 256 * 1024  # bodies up to this much per chunk, needing no MIME parse, render on the loop
+INLINE_SEARCH = 2000  # SEARCH without content keys over this few messages runs on the loop
 SYSTEM_FLAGS = b"\\Answered \\Flagged \\Deleted \\Seen \\Draft"
 
 
@@ -398,11 +401,12 @@ class Commands:
             work = [(seq, by_uid[u]) for seq, u in chunk if u in by_uid]
             if not work:
                 continue
-            if blobs is not None:
+            if blobs is not None and (needs_parse(items) or sum(map(len, blobs.values())) > INLINE_BYTES):
                 out = await asyncio.to_thread(
                     lambda: [render_fetch(s, r, blobs.get(r.blob, b""), items, uid, with_modseq) for s, r in work])
-            else:
-                out = [render_fetch(s, r, None, items, uid, with_modseq) for s, r in work]
+            else:  # cached structure, or a few small bodies sent as they are: no thread hop
+                out = [render_fetch(s, r, None if blobs is None else blobs.get(r.blob, b""), items, uid, with_modseq)
+                       for s, r in work]
             if self._closed:
                 return SENT
             self.transport.write(b"".join(out))
@@ -495,10 +499,13 @@ class Commands:
         content = _needs_content(key)
         for i in range(0, len(items), CHUNK if content else 100_000):
             chunk = items[i:i + (CHUNK if content else 100_000)]
-            blobs = None
             if content:
                 blobs = await self.ctx.store.read(mailboxes.blob_bytes_sync, list({r.blob for _, r in chunk}))
-            found += await asyncio.to_thread(search_chunk, key, chunk, blobs, max_seq, max_uid)
+                found += await asyncio.to_thread(search_chunk, key, chunk, blobs, max_seq, max_uid)
+            elif len(chunk) > INLINE_SEARCH:
+                found += await asyncio.to_thread(search_chunk, key, chunk, None, max_seq, max_uid)
+            else:  # flags, sizes, dates of a few messages: no thread hop
+                found += search_chunk(key, chunk, None, max_seq, max_uid)
         nums = [u if uid else s for s, u, _ in found]
         line = b"* SEARCH" + b"".join(b" %d" % n for n in nums)
         if found and "MODSEQ" in repr(key):
