@@ -387,6 +387,9 @@ def test_own_changes_and_interleaved_ones_both_reported(server, addr):
     assert not any(line.endswith(b"EXPUNGE\r\n") for line in out), out
     out = b.cmd(b"b5", b"UID SEARCH ALL")
     assert b"* 3 EXPUNGE\r\n" in out and b"* SEARCH 1 2\r\n" in out, out
+    b.cmd(b"b6", b"STORE 1 +FLAGS.SILENT (\\Seen)")
+    out = a.cmd(b"a5", b"SELECT INBOX")
+    assert b"* 2 EXISTS\r\n" in out and b"* OK [UNSEEN 2] First unseen\r\n" in out, out
     a.close()
     b.close()
 

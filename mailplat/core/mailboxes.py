@@ -433,19 +433,24 @@ class FolderState:
     rows: list = field(default_factory=list)
 
 
+# The parameters peewee gives `MailMessage.flags.contains("\\Seen")` (a LIKE with an ESCAPE
+# character), the same on SQLite and PostgreSQL.
+_SEEN_LIKE = ["%\\\\Seen%", "\\"]
+
+
+def _uids(folder_id: int) -> list[int]:
+    return [t[0] for t in run_cached("mailboxes.uids", lambda: MailMessage.select(MailMessage.uid).where(
+        MailMessage.folder == folder_id).order_by(MailMessage.uid), [folder_id])]
+
+
 def folder_state_sync(mbid: int, name: str, with_rows: bool = False) -> FolderState:
-    """The folder and its UIDs (in one query with their flags, which give the unseen count)."""
     info = _folder_info(mbid, name)
-    if with_rows:
-        rows = message_rows_sync(info.id, None)
-        pairs = [(r.uid, r.flags) for r in rows]
-    else:
-        rows = []
-        pairs = [(t[0], t[1].split()) for t in run_cached(
-            "mailboxes.uid_flags", lambda: MailMessage.select(MailMessage.uid, MailMessage.flags).where(
-                MailMessage.folder == info.id).order_by(MailMessage.uid), [info.id])]
-    unseen = [u for u, flags in pairs if "\\Seen" not in flags]
-    return FolderState(info, [u for u, _ in pairs], len(unseen), unseen[0] if unseen else None, rows=rows)
+    rows = message_rows_sync(info.id, None) if with_rows else []
+    uids = [r.uid for r in rows] if with_rows else _uids(info.id)
+    unseen, first = run_cached("mailboxes.unseen", lambda: MailMessage.select(
+        fn.COUNT(MailMessage.id), fn.MIN(MailMessage.uid)).where(
+        (MailMessage.folder == info.id) & ~(MailMessage.flags.contains("\\Seen"))), [info.id, *_SEEN_LIKE]).fetchone()
+    return FolderState(info, uids, unseen, first, rows=rows)
 
 
 def status_sync(mbid: int, name: str) -> tuple[FolderInfo, int, int, int]:
@@ -518,8 +523,7 @@ def changes_since_sync(folder_id: int, modseq: int, known_count: int,
     new = sum(1 for r in rows if r.uid > known_max_uid)
     all_uids = None
     if count != known_count + new:
-        all_uids = [t[0] for t in run_cached("mailboxes.uids", lambda: MailMessage.select(MailMessage.uid).where(
-            MailMessage.folder == folder_id).order_by(MailMessage.uid), [folder_id])]
+        all_uids = _uids(folder_id)
     return info, rows, all_uids
 
 
