@@ -650,8 +650,9 @@ def store_flags_sync(folder_id: int, uids: list[int], flags: list[str], mode: in
     for text, group in by_flags.items():
         for i in range(0, len(group), 500):
             chunk = group[i:i + 500]
-            run_cached(("mailboxes.set_flags", len(chunk)), lambda: MailMessage.update(flags=text, modseq=modseq).where(
-                (MailMessage.folder == folder_id) & MailMessage.uid.in_(chunk)), [text, modseq, folder_id, *chunk])
+            run_cached(("mailboxes.set_flags", len(chunk)), lambda: MailMessage.update(
+                flags=text, modseq=modseq).where((MailMessage.folder == folder_id) & MailMessage.uid.in_(chunk)),
+                [text, modseq, folder_id, *chunk])
     return rows, changed_rows, failed
 
 
@@ -716,9 +717,6 @@ def copy_sync(mbid: int, folder_id: int, uids: list[int], dest: str, move: bool)
                            internal_date=r.internal_date, flags=" ".join(r.flags), modseq=modseq)
     if move:
         src = MailFolder.get_by_id(folder_id)
-        src_uids = [r.uid for r in rows]
-        for i in range(0, len(src_uids), 500):
-            MailMessage.delete().where((MailMessage.folder == folder_id)
-                                       & MailMessage.uid.in_(src_uids[i:i + 500])).execute()
+        _delete_uids(folder_id, [r.uid for r in rows])
         _bump(src)
     return d.uidvalidity, [r.uid for r in rows], new, d.id
