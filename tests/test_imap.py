@@ -358,6 +358,42 @@ def test_two_sessions_stay_consistent(server, addr):
     b.logout()
 
 
+def test_own_changes_and_interleaved_ones_both_reported(server, addr):
+    """A session's own APPEND/STORE/EXPUNGE keep its view without reading it back only when
+    nothing else changed the folder in between; another session's change is still reported."""
+    a, b = Raw(server.ports["imap"]), Raw(server.ports["imap"])
+    for r in (a, b):
+        assert r.cmd(b"l", b'LOGIN "%s" "%s"' % (addr.encode(), PASSWORD.encode()))[-1].startswith(b"l OK")
+    msg = b"Subject: v\r\n\r\nx\r\n"
+    for r in (a, b):
+        assert b"* 0 EXISTS\r\n" in r.cmd(b"s", b"SELECT INBOX")
+    a.send(b"a1 APPEND INBOX {%d+}\r\n%s\r\n" % (len(msg), msg))
+    out = a.until(b"a1")
+    assert len(out) == 2 and out[0] == b"* 1 EXISTS\r\n" and out[1].startswith(b"a1 OK [APPENDUID"), out
+    b.send(b"b1 APPEND INBOX {%d+}\r\n%s\r\n" % (len(msg), msg))
+    out = b.until(b"b1")
+    assert out[0] == b"* 2 EXISTS\r\n" and out[-1].startswith(b"b1 OK [APPENDUID"), out
+    a.send(b"a2 APPEND INBOX {%d+}\r\n%s\r\n" % (len(msg), msg))
+    out = a.until(b"a2")
+    assert b"* 3 EXISTS\r\n" in out and out[-1].startswith(b"a2 OK"), out
+    assert a.cmd(b"a3", b"STORE 3 +FLAGS (\\Deleted)")[0] == b"* 3 FETCH (FLAGS (\\Deleted))\r\n"
+    b.cmd(b"b2", b"STORE 1 +FLAGS.SILENT (\\Flagged)")
+    out = a.cmd(b"a4", b"EXPUNGE")
+    assert b"* 3 EXPUNGE\r\n" in out and b"* 1 FETCH (UID 1 FLAGS (\\Flagged))\r\n" in out, out
+    # b may not hear of the expunge during FETCH, but must at the next command that allows it.
+    out = b.cmd(b"b3", b"FETCH 1 (FLAGS)")
+    assert not any(line.endswith(b"EXPUNGE\r\n") for line in out), out
+    out = b.cmd(b"b4", b"FETCH 2 (FLAGS)")
+    assert not any(line.endswith(b"EXPUNGE\r\n") for line in out), out
+    out = b.cmd(b"b5", b"UID SEARCH ALL")
+    assert b"* 3 EXPUNGE\r\n" in out and b"* SEARCH 1 2\r\n" in out, out
+    b.cmd(b"b6", b"STORE 1 +FLAGS.SILENT (\\Seen)")
+    out = a.cmd(b"a5", b"SELECT INBOX")
+    assert b"* 2 EXISTS\r\n" in out and b"* OK [UNSEEN 2] First unseen\r\n" in out, out
+    a.close()
+    b.close()
+
+
 def test_idle_push_of_smtp_delivery(server, addr):
     raw = Raw(server.ports["imap"])
     assert raw.cmd(b"a", f'LOGIN "{addr}" "{PASSWORD}"'.encode())[-1].startswith(b"a OK")

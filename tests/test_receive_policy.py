@@ -182,8 +182,8 @@ def test_core_blob_gc(db_url, tmp_path):
         await _domain(ctx, "gc.test")
         await mailboxes.create_mailbox(ctx, "gc.test", "ann", PASSWORD)
         mbid = await ctx.store.read(mailboxes.account_id_sync, "ann@gc.test")
-        fid, _, (gone_uid,) = await ctx.store.write(mailboxes.append_sync, mbid, "INBOX",
-                                                   [(b"Subject: a\r\n\r\ngone\r\n", [], 0.0)])
+        fid, _, (gone_uid,), _ = await ctx.store.write(mailboxes.append_sync, mbid, "INBOX",
+                                                      [(b"Subject: a\r\n\r\ngone\r\n", [], 0.0)])
         await ctx.store.write(mailboxes.append_sync, mbid, "INBOX", [(b"Subject: b\r\n\r\nkept\r\n", [], 0.0)])
         await ctx.store.write(mailboxes.store_flags_sync, fid, [gone_uid], ["\\Deleted"], 1)
         await ctx.store.write(mailboxes.expunge_sync, fid)

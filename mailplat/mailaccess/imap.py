@@ -3,13 +3,14 @@
 Owns: reading commands safely (lines capped at 64 KB; literals checked before any `+` is sent:
 negative, non-numeric or oversized sizes are refused at once, APPEND over APPENDLIMIT (or a
 MULTIAPPEND over MULTIAPPEND_LIMIT in all) gets `NO [TOOBIG]`, LITERAL+ honoured, literal bytes
-spooled with a cap; nesting capped by the tokenizer), one command at a time per session
-(reading pauses while a command runs, which is also the back-pressure), STARTTLS with buffered
-plaintext dropped, COMPRESS=DEFLATE (inflating in bounded steps), LOGINDISABLED before TLS
-(loopback excepted in dev mode), LOGIN and AUTHENTICATE PLAIN or LOGIN through realm.login,
-and the non-mailbox commands (CAPABILITY, NOOP, LOGOUT, ID, ENABLE, NAMESPACE, COMPRESS).
-Mailbox commands live in imapcmds.py; meaning lives in core.mailboxes; store calls run in
-threads via the store's async API, so the reactor never blocks.
+spooled with a cap; nesting capped by the tokenizer), one command at a time per session (lines
+wait while a command runs, and the socket is not read while they do, which is also the
+back-pressure), STARTTLS with buffered plaintext dropped, COMPRESS=DEFLATE (inflating in
+bounded steps), LOGINDISABLED before TLS (loopback excepted in dev mode), LOGIN and
+AUTHENTICATE PLAIN or LOGIN through realm.login, and the non-mailbox commands (CAPABILITY,
+NOOP, LOGOUT, ID, ENABLE, NAMESPACE, COMPRESS).  Mailbox commands live in imapcmds.py; meaning
+lives in core.mailboxes; store calls run in threads via the store's async API, so the reactor
+never blocks.
 
 Built on Twisted's LineReceiver, transports and TLS rather than twisted.mail.imap4.IMAP4Server:
 that class calls its mailbox synchronously in many places (CREATE/DELETE/RENAME, FETCH message
@@ -115,6 +116,7 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
         self._cont: asyncio.Future | None = None
         self._idle_done: asyncio.Event | None = None
         self._closed = False
+        self._reading_paused = False
         self._task: asyncio.Task | None = None
         self._inflate = None  # COMPRESS=DEFLATE (RFC 4978): the reader's inflater, once active
         self._ztail = b""  # compressed bytes not yet inflated (held while a command runs)
@@ -160,6 +162,13 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
         self._closed = True
 
     def dataReceived(self, data: bytes):
+        # While a command runs, received lines wait in LineReceiver's buffer (`paused`).  The
+        # socket itself stops being read only when bytes arrive meanwhile (a pipelining client):
+        # most clients wait for the answer, and pausing and resuming the reader around every
+        # command would cost two epoll calls each time.
+        if self.paused and data and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()
         if self._inflate is None or self._inflating:  # plain, or LineReceiver handing back inflated bytes
             return super().dataReceived(data)
         # Inflate in 64 KB steps and none while a command runs: a small compressed input cannot
@@ -315,23 +324,26 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
         if self.errors >= MAX_ERRORS:
             self.close(b"Too many errors")
 
-    # -- dispatch ---------------------------------------------------------------------------------
+    # -- dispatch (dataReceived says how reading pauses) ---------------------------------------
     def _pause(self):
         self._busy = True
         self.paused = True
-        self.transport.pauseProducing()
 
     def _hold(self):
         self.paused = True
-        self.transport.pauseProducing()
+
+    def _read_on(self):
+        """Handle lines again (those already buffered first)."""
+        self.paused = False
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+        self.dataReceived(b"")
 
     def _resume(self):
         self._busy = False
-        if self._closed:
-            return
-        self.paused = False
-        self.transport.resumeProducing()
-        self.dataReceived(b"")
+        if not self._closed:
+            self._read_on()
 
     def _dispatch(self, cmd: _Command) -> None:
         self._pause()
@@ -470,9 +482,7 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
         """Send a SASL challenge and read the client's base64 answer ("*" cancels)."""
         self.send(b"+ " + base64.b64encode(text))
         fut = self._cont = asyncio.get_running_loop().create_future()
-        self.paused = False  # read the continuation line (perhaps already here: pipelined)
-        self.transport.resumeProducing()
-        self.dataReceived(b"")
+        self._read_on()  # read the continuation line (perhaps already here: pipelined)
         data = await fut
         if data.strip() == b"*":
             raise Bad(b"Authentication cancelled")
@@ -502,9 +512,7 @@ class IMAPServer(Commands, LineReceiver, TimeoutMixin):
         fid = self.sel.folder_id if self.sel is not None else None
         if fid is not None:
             mailboxes.watch(fid, wake.set)
-        self.paused = False  # read DONE while the command runs
-        self.transport.resumeProducing()
-        self.dataReceived(b"")
+        self._read_on()  # read DONE while the command runs
         try:
             while not self._idle_done.is_set() and not self._closed:
                 waiter = asyncio.ensure_future(wake.wait())

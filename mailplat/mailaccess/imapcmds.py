@@ -20,14 +20,17 @@ import time
 from ..core import mailboxes
 from ..errors import Conflict, InputError, NotFound
 from . import mime
-from .imaprender import (_flags_bytes, _needs_content, render_fetch, render_threads, search_chunk, sort_chunk,
-                         structure_cached, thread_chunk, thread_orderedsubject, thread_references)
+from .imaprender import (_flags_bytes, _needs_content, needs_parse, render_fetch, render_threads,
+                         search_chunk, sort_chunk, structure_cached, thread_chunk, thread_orderedsubject,
+                         thread_references)
 from .imapparse import (Atom, Literal, ParseError, SeqSet, astring, fetch_items, mutf7_decode,
                         mutf7_encode, number, search_keys, seqset)
 
 SENT = object()  # the handler has already sent the tagged response
 CHUNK = 200
 META_CHUNK = 5000  # FETCH without bodies: rows per store read
+INLINE_BYTES = 256 * 1024  # bodies up to this much per chunk, needing no MIME parse, render on the loop
+INLINE_SEARCH = 2000  # SEARCH without content keys over this few messages runs on the loop
 SYSTEM_FLAGS = b"\\Answered \\Flagged \\Deleted \\Seen \\Draft"
 
 
@@ -357,6 +360,19 @@ def _statuses_sync(mbid: int, names: list[str]) -> dict:
     return out
 
 
+def _fetch_rows_sync(folder_id: int, uids: list[int], rows: list | None, items, changedsince: int | None):
+    """In one store read: the rows (unless given) changed after `changedsince`, and the bodies
+    the FETCH items need (none when they ask only for cached structure)."""
+    if rows is None:
+        rows = mailboxes.message_rows_sync(folder_id, uids)
+    if changedsince is not None:
+        rows = [r for r in rows if r.modseq > changedsince]
+    blobs = None
+    if items.needs_body and rows and not structure_cached(items, rows):
+        blobs = mailboxes.blob_bytes_sync(list({r.blob for r in rows}))
+    return rows, blobs
+
+
 class Commands:
     """Mailbox commands, mixed into IMAPServer (which provides send(), ctx, state, ...)."""
 
@@ -383,7 +399,8 @@ class Commands:
             return
         if all_uids is not None:
             if not allow_expunge:
-                return  # report later, when EXPUNGE responses are allowed
+                sel.version = -1  # report later, when EXPUNGE responses are allowed
+                return
             present = set(all_uids)
             self._expunged([u for u in sel.uids if u not in present])
         top = sel.uids[-1] if sel.uids else 0
@@ -398,6 +415,21 @@ class Commands:
                     extra = b" MODSEQ (%d)" % r.modseq if "CONDSTORE" in self.enabled else b""
                     self.send(b"* %d FETCH (UID %d FLAGS %s%s)" % (seq, r.uid, _flags_bytes(r.flags), extra))
         sel.modseq = max(sel.modseq, info.highestmodseq)
+
+    def _wrote(self, modseq: int | None) -> bool:
+        """After this session changed its selected folder (`modseq`: the change's, None when
+        nothing changed): other sessions are told.  When the folder was exactly as this session
+        last saw it (the change took the very next modseq), the view stays exact without being
+        read back: True, and the caller applies its own change to the view."""
+        sel = self.sel
+        if modseq is None:
+            return False
+        mailboxes.changed(sel.folder_id)
+        if modseq != sel.modseq + 1:
+            return False  # something else happened too: the next refresh reads it
+        sel.modseq = modseq
+        sel.version = mailboxes.version(sel.folder_id)
+        return True
 
     def deselect(self) -> None:
         self.sel = None
@@ -594,7 +626,7 @@ class Commands:
     async def c_close(self, tag, args):
         sel = self.sel
         if not sel.readonly:
-            uids = await self.ctx.store.write(mailboxes.expunge_sync, sel.folder_id)
+            uids, _ = await self.ctx.store.write(mailboxes.expunge_sync, sel.folder_id)
             if uids:
                 mailboxes.changed(sel.folder_id)
         self.deselect()
@@ -621,11 +653,10 @@ class Commands:
         elif args:
             raise Bad(b"EXPUNGE takes no arguments")
         await self.refresh()
-        gone = await self.ctx.store.write(mailboxes.expunge_sync, sel.folder_id, only)
+        gone, modseq = await self.ctx.store.write(mailboxes.expunge_sync, sel.folder_id, only)
         self._expunged(gone)
-        mailboxes.changed(sel.folder_id)
-        sel.version = mailboxes.version(sel.folder_id)
-        await self.refresh(force=True)
+        self._wrote(modseq)
+        await self.refresh()
         if "QRESYNC" in self.enabled:
             return b"[HIGHESTMODSEQ %d] EXPUNGE completed" % sel.modseq
         return b"EXPUNGE completed"
@@ -671,30 +702,25 @@ class Commands:
         for i in range(0, len(targets), step):
             chunk = targets[i:i + step]
             uids = [u for _, u in chunk]
+            rows = None
             if set_seen:
                 rows, changed, _ = await self.ctx.store.write(
                     mailboxes.store_flags_sync, sel.folder_id, uids, ["\\Seen"], 1)
                 if changed:
-                    mailboxes.changed(sel.folder_id)
-                    sel.version = mailboxes.version(sel.folder_id)
+                    self._wrote(max(r.modseq for r in rows))
                     if "FLAGS" not in items.names:
                         items.names.append("FLAGS")
-            else:
-                rows = await self.ctx.store.read(mailboxes.message_rows_sync, sel.folder_id, uids)
-            if changedsince is not None:
-                rows = [r for r in rows if r.modseq > changedsince]
+            rows, blobs = await self.ctx.store.read(_fetch_rows_sync, sel.folder_id, uids, rows, items, changedsince)
             by_uid = {r.uid: r for r in rows}
-            blobs = None
-            if items.needs_body and rows and not structure_cached(items, rows):
-                blobs = await self.ctx.store.read(mailboxes.blob_bytes_sync, list({r.blob for r in rows}))
             work = [(seq, by_uid[u]) for seq, u in chunk if u in by_uid]
             if not work:
                 continue
-            if blobs is not None:
+            if blobs is not None and (needs_parse(items) or sum(map(len, blobs.values())) > INLINE_BYTES):
                 out = await asyncio.to_thread(
                     lambda: [render_fetch(s, r, blobs.get(r.blob, b""), items, uid, with_modseq) for s, r in work])
-            else:
-                out = [render_fetch(s, r, None, items, uid, with_modseq) for s, r in work]
+            else:  # cached structure, or a few small bodies sent as they are: no thread hop
+                out = [render_fetch(s, r, None if blobs is None else blobs.get(r.blob, b""), items, uid, with_modseq)
+                       for s, r in work]
             if self._closed:
                 return SENT
             self.transport.write(b"".join(out))
@@ -747,8 +773,7 @@ class Commands:
         rows, changed, failed = await self.ctx.store.write(
             mailboxes.store_flags_sync, sel.folder_id, uids, flags, mode, unchangedsince)
         if changed:
-            mailboxes.changed(sel.folder_id)
-            sel.version = mailboxes.version(sel.folder_id)
+            self._wrote(max(r.modseq for r in rows))
         show_modseq = "CONDSTORE" in self.enabled
         if not m.group(2) or show_modseq:
             for r in rows:
@@ -831,10 +856,13 @@ class Commands:
         content = _needs_content(key)
         for i in range(0, len(items), CHUNK if content else 100_000):
             chunk = items[i:i + (CHUNK if content else 100_000)]
-            blobs = None
             if content:
                 blobs = await self.ctx.store.read(mailboxes.blob_bytes_sync, list({r.blob for _, r in chunk}))
-            found += await asyncio.to_thread(search_chunk, key, chunk, blobs, max_seq, max_uid)
+                found += await asyncio.to_thread(search_chunk, key, chunk, blobs, max_seq, max_uid)
+            elif len(chunk) > INLINE_SEARCH:
+                found += await asyncio.to_thread(search_chunk, key, chunk, None, max_seq, max_uid)
+            else:  # flags, sizes, dates of a few messages: no thread hop
+                found += search_chunk(key, chunk, None, max_seq, max_uid)
         return found, "MODSEQ" in repr(key)
 
     async def c_sort(self, tag, args, uid=False):
@@ -946,12 +974,17 @@ class Commands:
         if flags is not None or date is not None:
             raise Bad(b"APPEND needs the message as a literal")
         try:
-            fid, validity, uids = await self.ctx.store.write(mailboxes.append_sync, self.mbid, name, messages)
+            fid, validity, uids, modseq = await self.ctx.store.write(mailboxes.append_sync, self.mbid, name, messages)
         except NotFound:
             raise No(b"[TRYCREATE] No such mailbox") from None
         except mailboxes.OverQuota:
             raise No(b"[OVERQUOTA] Mailbox is over its quota") from None
-        mailboxes.changed(fid)
+        sel = self.sel
+        if sel is None or sel.folder_id != fid:
+            mailboxes.changed(fid)
+        elif self._wrote(modseq):
+            sel.uids.extend(uids)
+            self.send(b"* %d EXISTS" % len(sel.uids))
         await self.refresh()
         return b"[APPENDUID %d %s] APPEND completed" % (validity, _set(uids))
 

@@ -1,11 +1,12 @@
 """IMAP answers computed from stored messages: FETCH response lines and SEARCH evaluation.
 
-Owns the pure functions imapcmds.py runs in a worker thread (no store, no reactor): rendering
-one message's FETCH items (flags, dates, sizes, ENVELOPE/BODYSTRUCTURE via mime.py with a
-cache by body hash, BODY[...] sections and partials byte-exact, BINARY[...] decoded) and
-evaluating a parsed SEARCH program against a message row and, when the keys need it, its
-parsed body; the SORT keys of a message (RFC 5256, with DISPLAYFROM/DISPLAYTO of RFC 5957) and
-the THREAD trees (ORDEREDSUBJECT and REFERENCES, RFC 5256).
+Owns the pure functions imapcmds.py runs (no store, no reactor; in a worker thread when they
+parse MIME or cover many messages): rendering one message's FETCH items (flags, dates, sizes,
+ENVELOPE/BODYSTRUCTURE via mime.py with a cache by body hash, the MIME parse done only when an
+item needs it, BODY[...] sections and partials byte-exact, BINARY[...] decoded) and evaluating a
+parsed SEARCH program against a message row and, when the keys need it, its parsed body; the
+SORT keys of a message (RFC 5256, with DISPLAYFROM/DISPLAYTO of RFC 5957) and the THREAD trees
+(ORDEREDSUBJECT and REFERENCES, RFC 5256).
 """
 from __future__ import annotations
 
@@ -39,11 +40,11 @@ _STRUCT_MAX = 20_000
 _STRUCT_ITEMS = {"ENVELOPE", "BODYSTRUCTURE", "BODY"}
 
 
-def _structure(row, root, name: str, build) -> bytes:
+def _structure(row, name: str, build) -> bytes:
     key = (row.blob, name)
     hit = _STRUCT_CACHE.get(key)
     if hit is None:
-        hit = mime.encode(build(root))
+        hit = mime.encode(build())
         _STRUCT_CACHE[key] = hit
         if len(_STRUCT_CACHE) > _STRUCT_MAX:
             _STRUCT_CACHE.popitem(last=False)
@@ -57,9 +58,25 @@ def structure_cached(items, rows) -> bool:
     return all((r.blob, n) in _STRUCT_CACHE for r in rows for n in items.names if n in _STRUCT_ITEMS)
 
 
+_PARSED = {"ENVELOPE", "BODYSTRUCTURE", "BODY", "RFC822.HEADER", "RFC822.TEXT"}
+
+
+def needs_parse(items) -> bool:
+    """Whether rendering these items may parse MIME (the whole message, BODY[] or RFC822, and
+    its partials are plain slices of the stored bytes)."""
+    return any(n in _PARSED for n in items.names) or any(s.part or s.text or s.binary for s in items.sections)
+
+
 def render_fetch(seq: int, row, data: bytes | None, items, uid_cmd: bool, with_modseq: bool) -> bytes:
     parts = []
-    root = mime.parse(data) if data is not None and items.needs_body else None
+    root = None
+
+    def tree():  # parsed on first use only
+        nonlocal root
+        if root is None:
+            root = mime.parse(data)
+        return root
+
     names = list(items.names)
     if uid_cmd and "UID" not in names:
         names.insert(0, "UID")
@@ -75,22 +92,22 @@ def render_fetch(seq: int, row, data: bytes | None, items, uid_cmd: bool, with_m
         elif n == "MODSEQ":
             pass
         elif n == "ENVELOPE":
-            parts.append(b"ENVELOPE " + _structure(row, root, n, mime.envelope))
+            parts.append(b"ENVELOPE " + _structure(row, n, lambda: mime.envelope(tree())))
         elif n == "BODYSTRUCTURE":
-            parts.append(b"BODYSTRUCTURE " + _structure(row, root, n, lambda r: mime.bodystructure(r, True)))
+            parts.append(b"BODYSTRUCTURE " + _structure(row, n, lambda: mime.bodystructure(tree(), True)))
         elif n == "BODY":
-            parts.append(b"BODY " + _structure(row, root, n, lambda r: mime.bodystructure(r, False)))
+            parts.append(b"BODY " + _structure(row, n, lambda: mime.bodystructure(tree(), False)))
         elif n == "RFC822":
             parts.append(b"RFC822 " + _lit(data))
         elif n == "RFC822.HEADER":
-            parts.append(b"RFC822.HEADER " + _lit(root.header_bytes))
+            parts.append(b"RFC822.HEADER " + _lit(tree().header_bytes))
         elif n == "RFC822.TEXT":
-            parts.append(b"RFC822.TEXT " + _lit(root.body_bytes))
+            parts.append(b"RFC822.TEXT " + _lit(tree().body_bytes))
     for sec in items.sections:
         if sec.binary:
-            parts.append(_binary(root, sec))
+            parts.append(_binary(tree(), sec))
             continue
-        body = mime.section_bytes(root, sec.part, sec.text, sec.fields)
+        body = data if not (sec.part or sec.text) else mime.section_bytes(tree(), sec.part, sec.text, sec.fields)
         if sec.partial:
             start, length = sec.partial
             body = body[start:start + length]
@@ -136,6 +153,13 @@ def _day(ts: float) -> tuple:
     return time.gmtime(ts)[:3]
 
 
+_FLAG_KEYS = {"ANSWERED": ("\\Answered", True), "DELETED": ("\\Deleted", True), "DRAFT": ("\\Draft", True),
+              "FLAGGED": ("\\Flagged", True), "SEEN": ("\\Seen", True),
+              "UNANSWERED": ("\\Answered", False), "UNDELETED": ("\\Deleted", False),
+              "UNDRAFT": ("\\Draft", False), "UNFLAGGED": ("\\Flagged", False), "UNSEEN": ("\\Seen", False)}
+_CONSTANT_KEYS = {"ALL": True, "OLD": True, "NEW": False, "RECENT": False}
+
+
 def evaluate(key, seq: int, row, root, max_seq: int, max_uid: int) -> bool:
     op = key[0]
     flags = row.flags
@@ -146,14 +170,12 @@ def evaluate(key, seq: int, row, root, max_seq: int, max_uid: int) -> bool:
                 or evaluate(key[2], seq, row, root, max_seq, max_uid))
     if op == "NOT":
         return not evaluate(key[1], seq, row, root, max_seq, max_uid)
-    simple = {"ALL": True, "ANSWERED": "\\Answered" in flags, "DELETED": "\\Deleted" in flags,
-              "DRAFT": "\\Draft" in flags, "FLAGGED": "\\Flagged" in flags, "SEEN": "\\Seen" in flags,
-              "NEW": False, "RECENT": False, "OLD": True,
-              "UNANSWERED": "\\Answered" not in flags, "UNDELETED": "\\Deleted" not in flags,
-              "UNDRAFT": "\\Draft" not in flags, "UNFLAGGED": "\\Flagged" not in flags,
-              "UNSEEN": "\\Seen" not in flags}
-    if op in simple:
-        return simple[op]
+    flag_key = _FLAG_KEYS.get(op)
+    if flag_key is not None:
+        flag, present = flag_key
+        return (flag in flags) == present
+    if op in _CONSTANT_KEYS:
+        return _CONSTANT_KEYS[op]
     if op == "SEQ":
         return key[1].contains(seq, max_seq)
     if op == "UID":

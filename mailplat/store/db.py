@@ -359,7 +359,9 @@ def run_cached(key, build: Callable[[], Any], params: list):
     `params` in the order the built query places them.  Returns the cursor."""
     sql = _insert_sql.get(key)
     if sql is None:
-        sql, _ = build().sql()
+        sql, built = build().sql()
+        if len(built) != len(params):  # a caller's bug: its key or parameters do not fit the query
+            raise ValueError(f"run_cached {key!r}: the query takes {len(built)} parameters, not {len(params)}")
         if len(_insert_sql) > 1000:
             _insert_sql.clear()
         _insert_sql[key] = sql
