@@ -49,6 +49,12 @@ def wait(pred, timeout, what):
         time.sleep(0.05)
 
 
+def proc_cpu(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process so far (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
 def start_sink(kind: str, port: int):
     if kind == "py":
         return SmtpSink(port=port).start()
@@ -128,22 +134,29 @@ def mailplat_run(work: Path, n: int, size: int, sink_port: int, dns: DnsServer, 
 
     db = sqlite3.connect(str(data / "mailplat.db"))
     t0 = time.time()
-    # RELAY_PROFILE=out.txt: sample the relay process with py-spy (pip install py-spy), all threads.
-    profile = ([str(ROOT / ".venv" / "bin" / "py-spy"), "record", "-f", "raw", "-r", "200", "-o",
+    # RELAY_PROFILE=out.txt: sample the relay process with py-spy (on PATH or in .venv), all threads.
+    profile = ([shutil.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy"), "record", "-f", "raw", "-r", "200", "-o",
                 os.environ["RELAY_PROFILE"], "--"] if os.environ.get("RELAY_PROFILE") else [])
     relay = subprocess.Popen([*profile, PY, "-m", "mailplat.cli", "serve", "--data-dir", str(data), "relay"],
                              cwd=ROOT, stdout=open(work / "relay.log", "wb"), stderr=subprocess.STDOUT)
+    pid = relay.pid if not profile else None
     try:
-        def done():
-            return db.execute("select count(*) from queue_item where state != 'queued'").fetchone()[0] >= n
-        wait(done, 1800, "mailplat to relay everything")
+        def finished() -> int:
+            return db.execute("select count(*) from queue_item where state != 'queued'").fetchone()[0]
+        # CPU per message: the relay process's CPU seconds (all threads) from its first
+        # delivery to its last, over the messages delivered in between; start-up is left out.
+        wait(lambda: finished() > 0, 600, "mailplat's first delivery")
+        cpu0, done0 = (proc_cpu(pid), finished()) if pid else ((0.0, 0.0), 0)
+        wait(lambda: finished() >= n, 1800, "mailplat to relay everything")
         wall = time.time() - t0
+        user, system = (b - a for a, b in zip(cpu0, proc_cpu(pid))) if pid else (float("nan"),) * 2
+        cpu, cpu_sys = (user + system) / max(1, n - done0), system / max(1, n - done0)
     finally:
         relay.send_signal(2 if profile else 15)
         relay.wait()
     states = dict(db.execute("select state, count(*) from queue_item group by state").fetchall())
     first, last = db.execute("select min(updated_at), max(updated_at) from queue_item where state='delivered'").fetchone()
-    return {"states": states, "wall_s": wall, "rate_wall": n / wall,
+    return {"states": states, "wall_s": wall, "rate_wall": n / wall, "cpu_per_msg": cpu, "sys_per_msg": cpu_sys,
             "rate_active": n / (last - first) if last and last > first else float("nan")}
 
 
@@ -236,7 +249,9 @@ def main() -> int:
         mp = mailplat_run(work, args.n, args.size, sink_port, dns, args.no_dkim)
         print(f"mailplat relay, {'no DKIM' if args.no_dkim else 'DKIM rsa-2048'}, {args.n} msgs of ~{args.size} B to {args.sink}: "
               f"{mp['rate_active']:.0f} msgs/s (first to last delivery), {mp['rate_wall']:.0f} msgs/s "
-              f"wall incl. start-up ({mp['wall_s']:.1f} s); states {mp['states']}")
+              f"wall incl. start-up ({mp['wall_s']:.1f} s); relay CPU {mp['cpu_per_msg'] * 1000:.2f} ms/msg "
+              f"({mp['sys_per_msg'] * 1000:.2f} system); "
+              f"states {mp['states']}")
         if not args.no_postfix and shutil.which("postfix"):
             pf = postfix_run(work, args.n, args.size, sink_port)
             print(f"postfix relay, no DKIM, {args.n} msgs to {args.sink}: {pf['rate_wall']:.0f} msgs/s "
