@@ -7,7 +7,8 @@ Claims are leases: `claim_sync` picks due rows (state queued, next_attempt_at <=
 absent or expired) and stamps lease_owner/lease_until in ONE statement (UPDATE ... WHERE id IN
 (SELECT ... [FOR UPDATE SKIP LOCKED]) RETURNING id), so two relay processes never hold the same
 row; a row whose worker died becomes claimable again when its lease runs out.  Outcomes
-(`finish_sync`) only apply while the caller still holds the lease.
+(`finish_sync`) only apply while the caller still holds the lease, except deliveries
+(`finish_delivered_sync`, one statement for a batch): the remote already has the message.
 
 Wake-ups: the sending side calls `notify_new_sync()` inside the transaction that inserts queue
 rows.  On PostgreSQL that is `NOTIFY mailplat_queue` (delivered at commit) and relay processes
@@ -147,19 +148,27 @@ def load_sync(ids: Iterable[int]) -> list[QueueItem]:
     return items
 
 
+def _outcome_values(state: str, now: float, code: int | None, error: str) -> dict:
+    return {QueueItem.state: state, QueueItem.attempts: QueueItem.attempts + 1,
+            QueueItem.lease_owner: None, QueueItem.lease_until: None, QueueItem.last_code: code,
+            QueueItem.last_error: error[:2000], QueueItem.updated_at: now}
+
+
 def finish_sync(item_id: int, owner: str, *, state: str, now: float, next_attempt_at: float | None = None,
-                code: int | None = None, error: str = "", force: bool = False) -> bool:
+                code: int | None = None, error: str = "") -> bool:
     """Record an attempt's outcome and drop the lease.  Applies only while `owner` still holds
-    the lease (or with force=True, for a delivery that already happened); returns whether it did."""
-    values = {QueueItem.state: state, QueueItem.attempts: QueueItem.attempts + 1,
-              QueueItem.lease_owner: None, QueueItem.lease_until: None, QueueItem.last_code: code,
-              QueueItem.last_error: error[:2000], QueueItem.updated_at: now}
+    the lease; returns whether it did."""
+    values = _outcome_values(state, now, code, error)
     if next_attempt_at is not None:
         values[QueueItem.next_attempt_at] = next_attempt_at
-    cond = QueueItem.id == item_id
-    if not force:
-        cond &= (QueueItem.lease_owner == owner) & (QueueItem.state == "queued")
+    cond = (QueueItem.id == item_id) & (QueueItem.lease_owner == owner) & (QueueItem.state == "queued")
     return QueueItem.update(values).where(cond).execute() > 0
+
+
+def finish_delivered_sync(ids: list[int], *, now: float, code: int, error: str = "") -> None:
+    """Rows whose copies the remote took with reply `code`: delivered, lease dropped, in one
+    statement.  Whoever holds the lease now: the delivery already happened."""
+    QueueItem.update(_outcome_values("delivered", now, code, error)).where(QueueItem.id.in_(ids)).execute()
 
 
 def renew_sync(owner: str, ids: Iterable[int], until: float) -> set[int]:
