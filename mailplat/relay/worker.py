@@ -1,16 +1,16 @@
 """The relay's worker loop: claim due queue rows, prepare each copy, deliver, record outcomes.
 
 Owns scheduling inside one relay process.  A dispatcher leases due rows (store.queue.claim_sync)
-while fewer than `4 x relay.workers` are in hand, groups them by recipient domain (the
-destination) and runs up to `relay.per_destination` destination tasks per domain, at most
-`relay.workers` connections in all.  A destination task resolves MX (relay.mx), opens one
-connection (relay.client) and delivers every waiting row for that domain over it (reopening
-only when a message needs a different TLS policy).  Before sending, each copy is rendered
-(core.render.for_recipient) and DKIM-signed (mailauth.dkim) in a worker thread; API and SMTP
-submitted mail goes out with a VERP return path (core.verp) so its bounces come back to us.
+in batches while fewer than `4 x relay.workers` (at least 100) are in hand, groups them by
+recipient domain (the destination) and runs up to `relay.per_destination` destination tasks per
+domain, at most `relay.workers` connections in all.  A destination task resolves MX (relay.mx),
+opens one connection (relay.client) and delivers every waiting row for that domain over it
+(reopening only when a message needs a different TLS policy).  Before sending, each copy is
+rendered (core.render.for_recipient) and DKIM-signed (mailauth.dkim) in a worker thread; API and
+SMTP submitted mail goes out with a VERP return path (core.verp) so its bounces come back to us.
 Outcomes are written by relay.outcome in the same transaction as the queue update; deliveries
-in batches (those that finish while the previous batch is being written go in the next).  Test-mode
-messages are marked delivered without any network I/O.
+in batches (those that finish while the previous batch is being written go in the next).
+Test-mode messages are marked delivered without any network I/O.
 
 Wake-ups: in-process wakers and PostgreSQL LISTEN (store.queue), else polling with a short
 back-off, never later than the next due row.  Time comes from `ctx.clock`; when the
@@ -41,6 +41,7 @@ from .mx import MxError, MxResolver
 log = logs.get("mailplat.relay")
 
 CLAIM_BATCH = 100
+CLAIM_MIN = CLAIM_BATCH // 2  # claim only when at least this many rows fit
 POLL_MIN = 0.02
 POLL_MAX_SQLITE = 1.0
 POLL_MAX_LISTEN = 5.0
@@ -225,20 +226,22 @@ class Worker:
             claimed = 0
             room = self.max_inflight - len(self.inflight)
             try:
-                if room > 0:
-                    claimed = await self._claim(min(room, CLAIM_BATCH))
-                if claimed == CLAIM_BATCH and room > CLAIM_BATCH:
-                    continue  # more may be due right now
-                if claimed:
-                    idle = POLL_MIN
+                if room < CLAIM_MIN:
+                    # Busy: woken when deliveries finish; claiming then in batches of at least
+                    # CLAIM_MIN keeps the store round trips (claim, load) per message low.
                     timeout = poll_max
                 else:
-                    now = self.clock()
-                    due = await self.ctx.store.read(queue.next_due_sync, now)
-                    timeout = min(poll_max, idle) if due is None else max(0.0, min(due - now, poll_max, idle))
-                    idle = min(idle * 2, poll_max)
-                    if room <= 0:
-                        timeout = poll_max  # woken when a delivery finishes
+                    claimed = await self._claim(min(room, CLAIM_BATCH))
+                    if claimed == CLAIM_BATCH and room > CLAIM_BATCH:
+                        continue  # more may be due right now
+                    if claimed:
+                        idle = POLL_MIN
+                        timeout = poll_max
+                    else:
+                        now = self.clock()
+                        due = await self.ctx.store.read(queue.next_due_sync, now)
+                        timeout = min(poll_max, idle) if due is None else max(0.0, min(due - now, poll_max, idle))
+                        idle = min(idle * 2, poll_max)
             except Exception:  # noqa: BLE001 - store trouble: log, back off, carry on
                 log.exception("relay dispatch failed")
                 timeout = poll_max
