@@ -1,7 +1,7 @@
 """The relay's worker loop: claim due queue rows, prepare each copy, deliver, record outcomes.
 
 Owns scheduling inside one relay process.  A dispatcher leases due rows (store.queue.claim_sync)
-in batches while fewer than `4 x relay.workers` (at least 100) are in hand, groups them by
+in batches while fewer than `4 x relay.workers` are in hand, groups them by
 recipient domain (the destination) and runs up to `relay.per_destination` destination tasks per
 domain, at most `relay.workers` connections in all.  A destination task resolves MX (relay.mx),
 opens one connection (relay.client) and delivers every waiting row for that domain over it
@@ -41,7 +41,6 @@ from .mx import MxError, MxResolver
 log = logs.get("mailplat.relay")
 
 CLAIM_BATCH = 100
-CLAIM_MIN = CLAIM_BATCH // 2  # claim only when at least this many rows fit
 POLL_MIN = 0.02
 POLL_MAX_SQLITE = 1.0
 POLL_MAX_LISTEN = 5.0
@@ -127,7 +126,10 @@ class Worker:
         self.owner = f"{socket.gethostname()[:30]}:{os.getpid()}:{secrets.token_hex(4)}"
         self.mx = MxResolver(ctx.resolver, allow_private=self.cfg.allow_private_mx)
         self.helo = ctx.config.server.hostname
-        self.max_inflight = max(self.cfg.workers * 4, CLAIM_BATCH)
+        # Rows in hand: enough to keep every connection busy, few enough to leave the rest to
+        # other relay processes.  Claims wait until at least half of them (or a full batch) fit.
+        self.max_inflight = self.cfg.workers * 4
+        self.claim_min = max(1, min(CLAIM_BATCH, self.max_inflight) // 2)
         self.inflight: dict[int, Job] = {}
         self.pending: dict[str, deque[Job]] = defaultdict(deque)
         self.dest_tasks: dict[str, int] = defaultdict(int)
@@ -226,9 +228,9 @@ class Worker:
             claimed = 0
             room = self.max_inflight - len(self.inflight)
             try:
-                if room < CLAIM_MIN:
-                    # Busy: woken when deliveries finish; claiming then in batches of at least
-                    # CLAIM_MIN keeps the store round trips (claim, load) per message low.
+                if room < self.claim_min:
+                    # Busy: woken when deliveries finish; claiming then in batches keeps the
+                    # store round trips (claim, load) per message low.
                     timeout = poll_max
                 else:
                     claimed = await self._claim(min(room, CLAIM_BATCH))
