@@ -110,12 +110,11 @@ def _load_jobs_sync(ids: list[int]) -> list[Job]:
 def _prepare(job: Job) -> bytes:
     """The exact bytes for this recipient: rendered, then DKIM-signed (runs in a thread)."""
     data = render.for_recipient(job.message, job.raw, job.item.recipient, tracking=job.tracking)
-    data = dkimsign.normalize_crlf(data)
     options = job.message.options or {}
     if options.get("dkim") is False or job.signing is None:
-        return data
+        return dkimsign.normalize_crlf(data)
     d, selector, pem = job.signing
-    return dkimsign.sign(data, d, selector, pem)
+    return dkimsign.sign(data, d, selector, pem)  # normalises line endings itself
 
 
 class Worker:
@@ -127,9 +126,10 @@ class Worker:
         self.mx = MxResolver(ctx.resolver, allow_private=self.cfg.allow_private_mx)
         self.helo = ctx.config.server.hostname
         # Rows in hand: enough to keep every connection busy, few enough to leave the rest to
-        # other relay processes.  Claims wait until at least half of them (or a full batch) fit.
+        # other relay processes.  Claims wait until a quarter of them fit: batches, yet claimed
+        # while the destination tasks still have rows waiting (an idle one closes its connection).
         self.max_inflight = self.cfg.workers * 4
-        self.claim_min = max(1, min(CLAIM_BATCH, self.max_inflight) // 2)
+        self.claim_min = max(1, min(CLAIM_BATCH, self.max_inflight) // 4)
         self.inflight: dict[int, Job] = {}
         self.pending: dict[str, deque[Job]] = defaultdict(deque)
         self.dest_tasks: dict[str, int] = defaultdict(int)
