@@ -75,6 +75,7 @@ class Session:
         self.policy = policy
         self.usable = True
         self.sent = 0
+        self.timeout = smtp.timeout  # relay.command_timeout
 
     async def send(self, sender: str, recipient: str, data: bytes) -> Accepted:
         started = time.monotonic()
@@ -89,12 +90,19 @@ class Session:
                                     553, stage="mail", mx_host=self.host, tls=self.tls, verified=self.verified)
             mail_kw = {"options": ["SMTPUTF8"], "encoding": "utf-8"}
             rcpt_kw = {"encoding": "utf-8"}
+        # One deadline, moved on at each command (relay.command_timeout per reply), instead of
+        # aiosmtplib's wait_for() around every reply: the same limits for less work per message.
+        loop = asyncio.get_running_loop()
         try:
-            await self.smtp.mail(sender, **mail_kw)
-            stage = "rcpt"
-            await self.smtp.rcpt(recipient, **rcpt_kw)
-            stage = "data"
-            reply = await self.smtp.data(data)
+            async with asyncio.timeout(None) as deadline:
+                deadline.reschedule(loop.time() + self.timeout)
+                await self.smtp.mail(sender, timeout=None, **mail_kw)
+                stage = "rcpt"
+                deadline.reschedule(loop.time() + self.timeout)
+                await self.smtp.rcpt(recipient, timeout=None, **rcpt_kw)
+                stage = "data"
+                deadline.reschedule(loop.time() + self.timeout)
+                reply = await self.smtp.data(data, timeout=None)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError,
                 asyncio.TimeoutError) as exc:
             self.usable = False
