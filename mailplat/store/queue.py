@@ -26,6 +26,7 @@ from typing import Callable, Iterable
 
 import peewee
 
+from .db import run_cached
 from .models import Message, QueueItem, database
 
 CHANNEL = "mailplat_queue"
@@ -114,13 +115,16 @@ def _due(now: float):
 
 def claim_sync(owner: str, now: float, lease_seconds: float, limit: int) -> list[int]:
     """Lease up to `limit` due rows to `owner`; returns their ids."""
-    sub = (QueueItem.select(QueueItem.id).where(_due(now))
-           .order_by(QueueItem.next_attempt_at, QueueItem.id).limit(limit))
-    if isinstance(database.obj, peewee.PostgresqlDatabase):
-        sub = sub.for_update("FOR UPDATE SKIP LOCKED")
-    query = (QueueItem.update(lease_owner=owner, lease_until=now + lease_seconds, updated_at=now)
-             .where(QueueItem.id.in_(sub)).returning(QueueItem.id))
-    return [row.id for row in query.execute()]
+    def build():
+        sub = (QueueItem.select(QueueItem.id).where(_due(0.0))
+               .order_by(QueueItem.next_attempt_at, QueueItem.id).limit(1))
+        if isinstance(database.obj, peewee.PostgresqlDatabase):
+            sub = sub.for_update("FOR UPDATE SKIP LOCKED")
+        return (QueueItem.update(lease_owner="", lease_until=0.0, updated_at=0.0)
+                .where(QueueItem.id.in_(sub)).returning(QueueItem.id))
+    # The SQL text is kept (run_cached); parameters in the order the statement places them.
+    cursor = run_cached("queue.claim", build, [owner, now + lease_seconds, now, "queued", now, now, limit])
+    return [row[0] for row in cursor.fetchall()]
 
 
 def next_due_sync(now: float) -> float | None:
@@ -168,7 +172,9 @@ def finish_sync(item_id: int, owner: str, *, state: str, now: float, next_attemp
 def finish_delivered_sync(ids: list[int], *, now: float, code: int, error: str = "") -> None:
     """Rows whose copies the remote took with reply `code`: delivered, lease dropped, in one
     statement.  Whoever holds the lease now: the delivery already happened."""
-    QueueItem.update(_outcome_values("delivered", now, code, error)).where(QueueItem.id.in_(ids)).execute()
+    values = _outcome_values("delivered", now, code, error)
+    run_cached(("queue.delivered", len(ids)), lambda: QueueItem.update(values).where(QueueItem.id.in_(ids)),
+               ["delivered", 1, None, None, code, error[:2000], now, *ids])
 
 
 def renew_sync(owner: str, ids: Iterable[int], until: float) -> set[int]:
