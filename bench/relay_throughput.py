@@ -13,6 +13,7 @@ Postfix: messages are injected with smtp-source while its queue manager is disab
 in the incoming queue), then qmgr is enabled (postfix reload); timed until the queue is empty.
 
 Usage: .venv/bin/python bench/relay_throughput.py [N] [--size BYTES] [--no-postfix] [--sink py]
+       [--processes P] [--no-dkim]
 Needs: apt-get install postfix (smtp-sink, smtp-source); --sink py uses tests/smtpsink.py.
 """
 from __future__ import annotations
@@ -49,6 +50,24 @@ def wait(pred, timeout, what):
         time.sleep(0.05)
 
 
+def proc_cpu(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds so far of a process and its live children (relay.processes),
+    all their threads, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    user = system = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry) == pid or int(fields[1]) == pid:
+            user += int(fields[11]) / tick
+            system += int(fields[12]) / tick
+    return user, system
+
+
 def start_sink(kind: str, port: int):
     if kind == "py":
         return SmtpSink(port=port).start()
@@ -74,10 +93,12 @@ def stop_sink(sink):
         sink.wait()
 
 
-def mailplat_run(work: Path, n: int, size: int, sink_port: int, dns: DnsServer, no_dkim: bool = False) -> dict:
+def mailplat_run(work: Path, n: int, size: int, sink_port: int, dns: DnsServer, no_dkim: bool = False,
+                 processes: int = 1) -> dict:
     data = work / "mailplat"
     sets = ["relay.allow_private_mx=true", f"relay.remote_port={sink_port}", "dns.nameserver=127.0.0.1",
-            f"dns.port={dns.port}", "log.level=WARNING", f"relay.per_destination={CONCURRENCY}"]
+            f"dns.port={dns.port}", "log.level=WARNING", f"relay.per_destination={CONCURRENCY}",
+            f"relay.processes={processes}"]
     args = [PY, "-m", "mailplat.cli", "init", "--data-dir", str(data), "--hostname", "bench.localhost"]
     for name in ("api", "smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s"):
         args += [f"--{name}-port", "0"]
@@ -128,22 +149,29 @@ def mailplat_run(work: Path, n: int, size: int, sink_port: int, dns: DnsServer, 
 
     db = sqlite3.connect(str(data / "mailplat.db"))
     t0 = time.time()
-    # RELAY_PROFILE=out.txt: sample the relay process with py-spy (pip install py-spy), all threads.
-    profile = ([str(ROOT / ".venv" / "bin" / "py-spy"), "record", "-f", "raw", "-r", "200", "-o",
+    # RELAY_PROFILE=out.txt: sample the relay process with py-spy (on PATH or in .venv), all threads.
+    profile = ([shutil.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy"), "record", "-f", "raw", "-r", "200", "-o",
                 os.environ["RELAY_PROFILE"], "--"] if os.environ.get("RELAY_PROFILE") else [])
     relay = subprocess.Popen([*profile, PY, "-m", "mailplat.cli", "serve", "--data-dir", str(data), "relay"],
                              cwd=ROOT, stdout=open(work / "relay.log", "wb"), stderr=subprocess.STDOUT)
+    pid = relay.pid if not profile else None
     try:
-        def done():
-            return db.execute("select count(*) from queue_item where state != 'queued'").fetchone()[0] >= n
-        wait(done, 1800, "mailplat to relay everything")
+        def finished() -> int:
+            return db.execute("select count(*) from queue_item where state != 'queued'").fetchone()[0]
+        # CPU per message: the relay process's CPU seconds (all threads) from its first
+        # delivery to its last, over the messages delivered in between; start-up is left out.
+        wait(lambda: finished() > 0, 600, "mailplat's first delivery")
+        cpu0, done0 = (proc_cpu(pid), finished()) if pid else ((0.0, 0.0), 0)
+        wait(lambda: finished() >= n, 1800, "mailplat to relay everything")
         wall = time.time() - t0
+        user, system = (b - a for a, b in zip(cpu0, proc_cpu(pid))) if pid else (float("nan"),) * 2
+        cpu, cpu_sys = (user + system) / max(1, n - done0), system / max(1, n - done0)
     finally:
         relay.send_signal(2 if profile else 15)
         relay.wait()
     states = dict(db.execute("select state, count(*) from queue_item group by state").fetchall())
     first, last = db.execute("select min(updated_at), max(updated_at) from queue_item where state='delivered'").fetchone()
-    return {"states": states, "wall_s": wall, "rate_wall": n / wall,
+    return {"states": states, "wall_s": wall, "rate_wall": n / wall, "cpu_per_msg": cpu, "sys_per_msg": cpu_sys,
             "rate_active": n / (last - first) if last and last > first else float("nan")}
 
 
@@ -221,6 +249,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=2048, help="body bytes")
     ap.add_argument("--no-postfix", action="store_true")
     ap.add_argument("--no-dkim", action="store_true", help="mailplat without signing (for comparison)")
+    ap.add_argument("--processes", type=int, default=1, help="relay.processes (connections stay 20 in all)")
     ap.add_argument("--sink", choices=["smtp-sink", "py"], default="smtp-sink")
     args = ap.parse_args()
     if args.sink == "smtp-sink" and not shutil.which("smtp-sink"):
@@ -233,10 +262,13 @@ def main() -> int:
     dns = DnsServer()
     dns.start()
     try:
-        mp = mailplat_run(work, args.n, args.size, sink_port, dns, args.no_dkim)
-        print(f"mailplat relay, {'no DKIM' if args.no_dkim else 'DKIM rsa-2048'}, {args.n} msgs of ~{args.size} B to {args.sink}: "
+        mp = mailplat_run(work, args.n, args.size, sink_port, dns, args.no_dkim, args.processes)
+        print(f"mailplat relay ({args.processes} process{'es' if args.processes > 1 else ''}), "
+              f"{'no DKIM' if args.no_dkim else 'DKIM rsa-2048'}, {args.n} msgs of ~{args.size} B to {args.sink}: "
               f"{mp['rate_active']:.0f} msgs/s (first to last delivery), {mp['rate_wall']:.0f} msgs/s "
-              f"wall incl. start-up ({mp['wall_s']:.1f} s); states {mp['states']}")
+              f"wall incl. start-up ({mp['wall_s']:.1f} s); relay CPU {mp['cpu_per_msg'] * 1000:.2f} ms/msg "
+              f"({mp['sys_per_msg'] * 1000:.2f} system); "
+              f"states {mp['states']}")
         if not args.no_postfix and shutil.which("postfix"):
             pf = postfix_run(work, args.n, args.size, sink_port)
             print(f"postfix relay, no DKIM, {args.n} msgs to {args.sink}: {pf['rate_wall']:.0f} msgs/s "

@@ -107,6 +107,8 @@ class DnsConfig:
 class RelayConfig:
     workers: int = 20
     per_destination: int = 5
+    # Relay processes `serve relay` runs (workers and per_destination are divided between them).
+    processes: int = 1
     lease_seconds: float = 300.0
     max_lifetime_seconds: float = 5 * 86400.0
     # Seconds between attempts; the last figure repeats until the lifetime runs out.
@@ -301,6 +303,8 @@ def _validate(cfg: Config, problems: list) -> None:
         problems.append(("database.url", "must start with sqlite:/// or postgresql://"))
     if cfg.relay.per_destination < 1 or cfg.relay.workers < 1:
         problems.append(("relay.workers", "workers and per_destination must be at least 1"))
+    if cfg.relay.processes < 1:
+        problems.append(("relay.processes", "must be at least 1"))
     if not cfg.relay.retry_schedule or any(s <= 0 for s in cfg.relay.retry_schedule):
         problems.append(("relay.retry_schedule", "must be a non-empty list of positive seconds"))
     if cfg.relay.max_attempts < 0:

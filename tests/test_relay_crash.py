@@ -128,3 +128,27 @@ def test_sigterm_releases_waiting_rows_and_finishes_the_one_in_flight(tmp_path, 
     finally:
         server.stop()
         sink.stop()
+
+
+def test_a_remote_silent_past_command_timeout_is_a_temporary_failure_then_retried(tmp_path, dns_server):
+    sink = SmtpSink().start()
+    sets = dns_sets(dns_server) + ["relay.allow_private_mx=true", f"relay.remote_port={sink.port}",
+                                   "relay.retry_schedule=0.5", "relay.command_timeout=1"]
+    server = start_server(tmp_path / "data", sets=sets, services=["api", "relay"])
+    try:
+        sender = f"s{uuid.uuid4().hex[:8]}.example.test"
+        create_domain(server, dns_server, sender)
+        rdom = f"r{uuid.uuid4().hex[:8]}.example.test"
+        point_mx(dns_server, rdom, "127.0.0.1")
+        rcpt = f"slow@{rdom}"
+        db = db_url_of(server.data_dir)
+        sink.stall_data()  # no reply to the end of DATA
+        send(server, sender, [rcpt])
+        row = wait_for(lambda: next((r for r in queue_rows(db) if r["attempts"] >= 1), None), timeout=20,
+                       what="the attempt to time out")
+        assert row["state"] == "queued" and "during DATA" in row["last_error"], row
+        sink.unstall()
+        wait_for(lambda: queue_rows(db)[0]["state"] == "delivered", timeout=20, what="the retry to deliver")
+    finally:
+        server.stop()
+        sink.stop()

@@ -18,17 +18,27 @@ import time
 from dataclasses import dataclass
 
 import aiosmtplib
+from aiosmtplib.email import quote_address
 
 from ..mailauth.tlspolicy import TlsPolicy, client_context
 from .mx import MxHost
 
 NETWORK_ERRORS = (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ssl.SSLError, EOFError)
 _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+_PLAIN_ADDRESS = re.compile(r"(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+                            r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)?\Z")
 
 
 def enhanced_code(message: str) -> str:
     m = _ENHANCED.match(message or "")
     return ".".join(m.groups()) if m else ""
+
+
+def _path(address: str) -> str:
+    """`<address>` for MAIL FROM / RCPT TO.  A plain dot-atom address (nearly every one) is
+    taken as it is; anything else goes through aiosmtplib's own parsing and checks, which
+    would leave a plain one unchanged anyway."""
+    return f"<{address}>" if _PLAIN_ADDRESS.match(address) else quote_address(address)
 
 
 class DeliveryError(Exception):
@@ -75,26 +85,38 @@ class Session:
         self.policy = policy
         self.usable = True
         self.sent = 0
+        self.timeout = smtp.timeout  # relay.command_timeout
 
     async def send(self, sender: str, recipient: str, data: bytes) -> Accepted:
         started = time.monotonic()
         stage = "mail"
-        mail_kw: dict = {}
-        rcpt_kw: dict = {}
+        encoding, mail_options = "ascii", ()
         if not (sender.isascii() and recipient.isascii()):
             # Internationalised address (RFC 6531): only to a server that offers SMTPUTF8.
             if not self.smtp.supports_extension("smtputf8"):
                 await self._reset()
                 raise DeliveryError(f"5.6.7 {self.host} does not support SMTPUTF8, needed for this address",
                                     553, stage="mail", mx_host=self.host, tls=self.tls, verified=self.verified)
-            mail_kw = {"options": ["SMTPUTF8"], "encoding": "utf-8"}
-            rcpt_kw = {"encoding": "utf-8"}
+            encoding, mail_options = "utf-8", (b"SMTPUTF8",)
+        # One deadline, moved on at each command (relay.command_timeout per reply), instead of
+        # aiosmtplib's wait_for() around every reply: the same limits for less work per message.
+        loop = asyncio.get_running_loop()
         try:
-            await self.smtp.mail(sender, **mail_kw)
-            stage = "rcpt"
-            await self.smtp.rcpt(recipient, **rcpt_kw)
-            stage = "data"
-            reply = await self.smtp.data(data)
+            async with asyncio.timeout(None) as deadline:
+                deadline.reschedule(loop.time() + self.timeout)
+                reply = await self.smtp.execute_command(
+                    b"MAIL", b"FROM:" + _path(sender).encode(encoding), *mail_options, timeout=None)
+                if reply.code != 250:
+                    raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, sender)
+                stage = "rcpt"
+                deadline.reschedule(loop.time() + self.timeout)
+                reply = await self.smtp.execute_command(b"RCPT", b"TO:" + _path(recipient).encode(encoding),
+                                                        timeout=None)
+                if reply.code not in (250, 251):
+                    raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, recipient)
+                stage = "data"
+                deadline.reschedule(loop.time() + self.timeout)
+                reply = await self.smtp.data(data, timeout=None)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError,
                 asyncio.TimeoutError) as exc:
             self.usable = False

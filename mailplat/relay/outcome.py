@@ -2,10 +2,10 @@
 
 Owns the classification of results (2xx delivered; 4xx, connection and TLS-policy trouble
 temporary with back-off; 5xx and DNS verdicts permanent, reason by enhanced status code), the
-end of retrying a temporary failure, and the Mailgun
-`delivery-status` object, and the `*_sync` writers that update the queue row (store.queue),
-record the `delivered` / `failed` event (core.events) and add bounces (store.models.Bounce),
-all inside one store write.
+end of retrying a temporary failure, the Mailgun `delivery-status` object, and the `*_sync`
+writers that update the queue rows (store.queue), record the `delivered` / `failed` events
+(core.events) and add bounces (store.models.Bounce), all inside one store write (deliveries in
+batches).
 
 Retrying ends, and the temporary failure becomes a permanent `failed` event without a bounce,
 in one of two ways: the attempt that reaches relay.max_attempts (when set, > 0) fails with
@@ -17,6 +17,7 @@ attempt limit is what is reported.
 from __future__ import annotations
 
 import random
+from collections import defaultdict
 from dataclasses import dataclass
 
 from ..core import events
@@ -90,16 +91,21 @@ def _add_bounce(domain: str, address: str, code: int, error: str, now: float) ->
         update={Bounce.code: str(code), Bounce.error: error[:2000], Bounce.created_at: now}).execute()
 
 
-def delivered_sync(item: QueueItem, owner: str, result: Result, now: float, test_mode: bool = False) -> bool:
-    """The recipient's server took the message (or test mode says it would have)."""
-    # force: the remote said 250, so the row is done even if our lease ran out meanwhile.
-    queue.finish_sync(item.id, owner, state="delivered", now=now, code=result.code,
-                      error="" if not test_mode else "test mode: not sent", force=True)
-    message = item.message
-    data = events.build("delivered", message, item.recipient, timestamp=now,
-                        delivery_status=delivery_status(result, item.attempts + 1))
-    events.record_sync(message.domain, data)
-    return True
+def delivered_sync(deliveries: list[tuple[QueueItem, Result]], now: float, test_mode: bool = False) -> None:
+    """The recipients' servers took these copies (or test mode says they would have): one queue
+    UPDATE per reply code and the `delivered` events in multi-row INSERTs, for the whole batch."""
+    by_code: dict[int, list[int]] = defaultdict(list)
+    by_domain: dict[str, list[dict]] = defaultdict(list)
+    for item, result in deliveries:
+        by_code[result.code].append(item.id)
+        message = item.message
+        by_domain[message.domain].append(events.build(
+            "delivered", message, item.recipient, timestamp=now,
+            delivery_status=delivery_status(result, item.attempts + 1)))
+    for code, ids in by_code.items():
+        queue.finish_delivered_sync(ids, now=now, code=code, error="test mode: not sent" if test_mode else "")
+    for domain, datas in by_domain.items():
+        events.record_many_sync(domain, datas)
 
 
 def failed_sync(item: QueueItem, owner: str, result: Result, now: float, schedule: tuple[float, ...],

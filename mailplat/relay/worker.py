@@ -1,15 +1,16 @@
 """The relay's worker loop: claim due queue rows, prepare each copy, deliver, record outcomes.
 
 Owns scheduling inside one relay process.  A dispatcher leases due rows (store.queue.claim_sync)
-while fewer than `4 x relay.workers` are in hand, groups them by recipient domain (the
-destination) and runs up to `relay.per_destination` destination tasks per domain, at most
-`relay.workers` connections in all.  A destination task resolves MX (relay.mx), opens one
-connection (relay.client) and delivers every waiting row for that domain over it (reopening
-only when a message needs a different TLS policy).  Before sending, each copy is rendered
-(core.render.for_recipient) and DKIM-signed (mailauth.dkim) in a worker thread; API and SMTP
-submitted mail goes out with a VERP return path (core.verp) so its bounces come back to us.
-Outcomes are written by relay.outcome in the same transaction as the queue update.  Test-mode
-messages are marked delivered without any network I/O.
+in batches while fewer than `4 x relay.workers` are in hand, groups them by
+recipient domain (the destination) and runs up to `relay.per_destination` destination tasks per
+domain, at most `relay.workers` connections in all.  A destination task resolves MX (relay.mx),
+opens one connection (relay.client) and delivers every waiting row for that domain over it
+(reopening only when a message needs a different TLS policy).  Before sending, each copy is
+rendered (core.render.for_recipient) and DKIM-signed (mailauth.dkim) in a worker thread; API and
+SMTP submitted mail goes out with a VERP return path (core.verp) so its bounces come back to us.
+Outcomes are written by relay.outcome in the same transaction as the queue update; deliveries
+in batches (those that finish while the previous batch is being written go in the next).
+Test-mode messages are marked delivered without any network I/O.
 
 Wake-ups: in-process wakers and PostgreSQL LISTEN (store.queue), else polling with a short
 back-off, never later than the next due row.  Time comes from `ctx.clock`; when the
@@ -89,21 +90,16 @@ class Job:
 
 def _load_jobs_sync(ids: list[int]) -> list[Job]:
     items = queue.load_sync(ids)
-    raws: dict[str, bytes | None] = {}
+    raws = blobs.get_many_sync(item.message.blob for item in items)
     domains: dict[str, Domain | None] = {}
     keys: dict[str, tuple | None] = {}
     jobs = []
     for item in items:
         msg = item.message
-        if msg.blob not in raws:
-            try:
-                raws[msg.blob] = blobs.get_sync(msg.blob)
-            except KeyError:
-                raws[msg.blob] = None
         if msg.domain not in domains:
             domains[msg.domain] = Domain.get_or_none(Domain.name == msg.domain)
             keys[msg.domain] = dkim_signing_key_sync(msg.domain)
-        jobs.append(Job(item=item, raw=raws[msg.blob], domain_row=domains[msg.domain],
+        jobs.append(Job(item=item, raw=raws.get(msg.blob), domain_row=domains[msg.domain],
                         signing=keys[msg.domain],
                         policy=policy_for(domains[msg.domain], msg.options),
                         tracking=tracking.plan_sync(msg, item.recipient, domains[msg.domain]),
@@ -114,12 +110,11 @@ def _load_jobs_sync(ids: list[int]) -> list[Job]:
 def _prepare(job: Job) -> bytes:
     """The exact bytes for this recipient: rendered, then DKIM-signed (runs in a thread)."""
     data = render.for_recipient(job.message, job.raw, job.item.recipient, tracking=job.tracking)
-    data = dkimsign.normalize_crlf(data)
     options = job.message.options or {}
     if options.get("dkim") is False or job.signing is None:
-        return data
+        return dkimsign.normalize_crlf(data)
     d, selector, pem = job.signing
-    return dkimsign.sign(data, d, selector, pem)
+    return dkimsign.sign(data, d, selector, pem)  # normalises line endings itself
 
 
 class Worker:
@@ -130,7 +125,11 @@ class Worker:
         self.owner = f"{socket.gethostname()[:30]}:{os.getpid()}:{secrets.token_hex(4)}"
         self.mx = MxResolver(ctx.resolver, allow_private=self.cfg.allow_private_mx)
         self.helo = ctx.config.server.hostname
-        self.max_inflight = max(self.cfg.workers * 4, CLAIM_BATCH)
+        # Rows in hand: enough to keep every connection busy, few enough to leave the rest to
+        # other relay processes.  Claims wait until a quarter of them fit: batches, yet claimed
+        # while the destination tasks still have rows waiting (an idle one closes its connection).
+        self.max_inflight = self.cfg.workers * 4
+        self.claim_min = max(1, min(CLAIM_BATCH, self.max_inflight) // 4)
         self.inflight: dict[int, Job] = {}
         self.pending: dict[str, deque[Job]] = defaultdict(deque)
         self.dest_tasks: dict[str, int] = defaultdict(int)
@@ -143,6 +142,9 @@ class Worker:
         self.dispatcher: asyncio.Task | None = None
         self.renewer: asyncio.Task | None = None
         self.delivered = 0
+        # Deliveries whose outcome is not written yet; one writer task takes them in batches.
+        self.to_record: list[tuple[Job, outcome.Result]] = []
+        self.recording = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -174,13 +176,16 @@ class Worker:
             self.inflight.pop(item_id, None)
         if not_started:
             await self.ctx.store.write(queue.release_sync, self.owner, not_started)
-        if self.tasks:
-            done, still = await asyncio.wait(set(self.tasks), timeout=STOP_TIMEOUT)
-            for task in still:
-                task.cancel()
-            if still:
-                await asyncio.wait(still, timeout=5)
-                log.warning("relay stopped with %d deliveries unfinished (their leases will expire)", len(still))
+        # Tasks may start others (a finished delivery starts the outcome writer): wait for all.
+        deadline = self.loop.time() + STOP_TIMEOUT
+        while self.tasks and self.loop.time() < deadline:
+            await asyncio.wait(set(self.tasks), timeout=deadline - self.loop.time())
+        still = set(self.tasks)
+        for task in still:
+            task.cancel()
+        if still:
+            await asyncio.wait(still, timeout=5)
+            log.warning("relay stopped with %d deliveries unfinished (their leases will expire)", len(still))
         logs.event(log, "relay stopped", owner=self.owner, released=len(not_started))
 
     async def _renew_leases(self) -> None:
@@ -223,20 +228,22 @@ class Worker:
             claimed = 0
             room = self.max_inflight - len(self.inflight)
             try:
-                if room > 0:
-                    claimed = await self._claim(min(room, CLAIM_BATCH))
-                if claimed == CLAIM_BATCH and room > CLAIM_BATCH:
-                    continue  # more may be due right now
-                if claimed:
-                    idle = POLL_MIN
+                if room < self.claim_min:
+                    # Busy: woken when deliveries finish; claiming then in batches keeps the
+                    # store round trips (claim, load) per message low.
                     timeout = poll_max
                 else:
-                    now = self.clock()
-                    due = await self.ctx.store.read(queue.next_due_sync, now)
-                    timeout = min(poll_max, idle) if due is None else max(0.0, min(due - now, poll_max, idle))
-                    idle = min(idle * 2, poll_max)
-                    if room <= 0:
-                        timeout = poll_max  # woken when a delivery finishes
+                    claimed = await self._claim(min(room, CLAIM_BATCH))
+                    if claimed == CLAIM_BATCH and room > CLAIM_BATCH:
+                        continue  # more may be due right now
+                    if claimed:
+                        idle = POLL_MIN
+                        timeout = poll_max
+                    else:
+                        now = self.clock()
+                        due = await self.ctx.store.read(queue.next_due_sync, now)
+                        timeout = min(poll_max, idle) if due is None else max(0.0, min(due - now, poll_max, idle))
+                        idle = min(idle * 2, poll_max)
             except Exception:  # noqa: BLE001 - store trouble: log, back off, carry on
                 log.exception("relay dispatch failed")
                 timeout = poll_max
@@ -285,9 +292,9 @@ class Worker:
     # -- delivery ----------------------------------------------------------------------------
     async def _deliver_test_mode(self, jobs: list[Job]) -> None:
         """o:testmode: accepted and reported delivered, nothing leaves the host."""
-        for job in jobs:
-            result = outcome.Result(code=250, message="OK", description="Test mode: not sent")
-            await self._record(job, result, delivered=True, test_mode=True)
+        await self._record_delivered(
+            [(job, outcome.Result(code=250, message="OK", description="Test mode: not sent")) for job in jobs],
+            test_mode=True)
 
     async def _destination(self, domain: str) -> None:
         try:
@@ -365,10 +372,10 @@ class Worker:
                 await session.close()
                 self._spawn(self._record(job, outcome.Result(code=451, message=f"4.3.0 Local error while sending: {exc}")))
                 return None
-            self._spawn(self._record(job, outcome.Result(
+            self._delivered(job, outcome.Result(
                 code=accepted.code, message=accepted.message, enhanced=accepted.enhanced,
                 mx_host=accepted.mx_host, tls=accepted.tls, verified=accepted.verified,
-                session_seconds=accepted.session_seconds), delivered=True))
+                session_seconds=accepted.session_seconds))
             return session
 
     async def _fail_destination(self, job: Job, result: outcome.Result) -> None:
@@ -402,22 +409,45 @@ class Worker:
                               tls=exc.tls, verified=exc.verified, permanent=permanent, reason=reason,
                               bounce=bounce)
 
-    async def _record(self, job: Job, result: outcome.Result, delivered: bool = False,
-                      test_mode: bool = False) -> None:
-        now = self.clock()
+    def _delivered(self, job: Job, result: outcome.Result) -> None:
+        """Hand a delivery to the outcome writer: while one batch is being written, the next
+        gathers, so a busy relay writes many outcomes per store job."""
+        self.to_record.append((job, result))
+        if not self.recording:
+            self.recording = True
+            self._spawn(self._write_delivered())
+
+    async def _write_delivered(self) -> None:
         try:
-            if delivered:
-                await self.ctx.store.write_background(outcome.delivered_sync, job.item, self.owner, result, now, test_mode)
-                self.delivered += 1
+            while self.to_record:
+                batch, self.to_record = self.to_record, []
+                await self._record_delivered(batch)
+        finally:
+            self.recording = False
+
+    async def _record_delivered(self, batch: list[tuple[Job, outcome.Result]], test_mode: bool = False) -> None:
+        try:
+            await self.ctx.store.write_background(
+                outcome.delivered_sync, [(job.item, result) for job, result in batch], self.clock(), test_mode)
+            self.delivered += len(batch)
+            for job, result in batch:
                 logs.event(log, "delivered", queue_id=job.item.id, recipient=job.item.recipient,
                            mx_host=result.mx_host, code=result.code, tls=result.tls)
-            else:
-                decided = await self.ctx.store.write_background(outcome.failed_sync, job.item, self.owner, result, now,
-                                                     self.cfg.retry_schedule, self.cfg.max_lifetime_seconds,
-                                                     self.cfg.max_attempts)
-                logs.event(log, "delivery failed", level=logging.WARNING, queue_id=job.item.id,
-                           recipient=job.item.recipient, code=result.code, error=result.message,
-                           permanent=decided.get("permanent"), lease_lost=not decided)
+        except Exception:  # noqa: BLE001 - not recorded: the leases expire and the rows are retried
+            log.exception("recording %d deliveries failed", len(batch))
+        finally:
+            for job, _ in batch:
+                self._done(job)
+
+    async def _record(self, job: Job, result: outcome.Result) -> None:
+        """A failed attempt: rescheduled or given up on (relay.outcome decides)."""
+        try:
+            decided = await self.ctx.store.write_background(outcome.failed_sync, job.item, self.owner, result,
+                                                            self.clock(), self.cfg.retry_schedule,
+                                                            self.cfg.max_lifetime_seconds, self.cfg.max_attempts)
+            logs.event(log, "delivery failed", level=logging.WARNING, queue_id=job.item.id,
+                       recipient=job.item.recipient, code=result.code, error=result.message,
+                       permanent=decided.get("permanent"), lease_lost=not decided)
         except Exception:  # noqa: BLE001 - not recorded: the lease expires and the row is retried
             log.exception("recording the outcome failed")
         finally:

@@ -50,6 +50,12 @@ def get_sync(sha256: str) -> bytes:
     return bytes(row[0])
 
 
+def get_many_sync(sha256s) -> dict[str, bytes]:
+    """The stored bytes of each of `sha256s` that exists, in one query, by SHA-256."""
+    return {sha: bytes(data) for sha, data in
+            Blob.select(Blob.sha256, Blob.data).where(Blob.sha256.in_(list(set(sha256s)))).tuples()}
+
+
 def head_sync(sha256: str, n: int) -> bytes | None:
     """The first `n` bytes (the headers, say) without reading the whole body; None if absent."""
     row = run_cached(("blobs.head", n), lambda: Blob.select(fn.substr(Blob.data, 1, n)).where(Blob.sha256 == ""),

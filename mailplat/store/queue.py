@@ -7,7 +7,8 @@ Claims are leases: `claim_sync` picks due rows (state queued, next_attempt_at <=
 absent or expired) and stamps lease_owner/lease_until in ONE statement (UPDATE ... WHERE id IN
 (SELECT ... [FOR UPDATE SKIP LOCKED]) RETURNING id), so two relay processes never hold the same
 row; a row whose worker died becomes claimable again when its lease runs out.  Outcomes
-(`finish_sync`) only apply while the caller still holds the lease.
+(`finish_sync`) only apply while the caller still holds the lease, except deliveries
+(`finish_delivered_sync`, one statement for a batch): the remote already has the message.
 
 Wake-ups: the sending side calls `notify_new_sync()` inside the transaction that inserts queue
 rows.  On PostgreSQL that is `NOTIFY mailplat_queue` (delivered at commit) and relay processes
@@ -25,6 +26,7 @@ from typing import Callable, Iterable
 
 import peewee
 
+from .db import run_cached
 from .models import Message, QueueItem, database
 
 CHANNEL = "mailplat_queue"
@@ -113,13 +115,16 @@ def _due(now: float):
 
 def claim_sync(owner: str, now: float, lease_seconds: float, limit: int) -> list[int]:
     """Lease up to `limit` due rows to `owner`; returns their ids."""
-    sub = (QueueItem.select(QueueItem.id).where(_due(now))
-           .order_by(QueueItem.next_attempt_at, QueueItem.id).limit(limit))
-    if isinstance(database.obj, peewee.PostgresqlDatabase):
-        sub = sub.for_update("FOR UPDATE SKIP LOCKED")
-    query = (QueueItem.update(lease_owner=owner, lease_until=now + lease_seconds, updated_at=now)
-             .where(QueueItem.id.in_(sub)).returning(QueueItem.id))
-    return [row.id for row in query.execute()]
+    def build():
+        sub = (QueueItem.select(QueueItem.id).where(_due(0.0))
+               .order_by(QueueItem.next_attempt_at, QueueItem.id).limit(1))
+        if isinstance(database.obj, peewee.PostgresqlDatabase):
+            sub = sub.for_update("FOR UPDATE SKIP LOCKED")
+        return (QueueItem.update(lease_owner="", lease_until=0.0, updated_at=0.0)
+                .where(QueueItem.id.in_(sub)).returning(QueueItem.id))
+    # The SQL text is kept (run_cached); parameters in the order the statement places them.
+    cursor = run_cached("queue.claim", build, [owner, now + lease_seconds, now, "queued", now, now, limit])
+    return [row[0] for row in cursor.fetchall()]
 
 
 def next_due_sync(now: float) -> float | None:
@@ -147,19 +152,29 @@ def load_sync(ids: Iterable[int]) -> list[QueueItem]:
     return items
 
 
+def _outcome_values(state: str, now: float, code: int | None, error: str) -> dict:
+    return {QueueItem.state: state, QueueItem.attempts: QueueItem.attempts + 1,
+            QueueItem.lease_owner: None, QueueItem.lease_until: None, QueueItem.last_code: code,
+            QueueItem.last_error: error[:2000], QueueItem.updated_at: now}
+
+
 def finish_sync(item_id: int, owner: str, *, state: str, now: float, next_attempt_at: float | None = None,
-                code: int | None = None, error: str = "", force: bool = False) -> bool:
+                code: int | None = None, error: str = "") -> bool:
     """Record an attempt's outcome and drop the lease.  Applies only while `owner` still holds
-    the lease (or with force=True, for a delivery that already happened); returns whether it did."""
-    values = {QueueItem.state: state, QueueItem.attempts: QueueItem.attempts + 1,
-              QueueItem.lease_owner: None, QueueItem.lease_until: None, QueueItem.last_code: code,
-              QueueItem.last_error: error[:2000], QueueItem.updated_at: now}
+    the lease; returns whether it did."""
+    values = _outcome_values(state, now, code, error)
     if next_attempt_at is not None:
         values[QueueItem.next_attempt_at] = next_attempt_at
-    cond = QueueItem.id == item_id
-    if not force:
-        cond &= (QueueItem.lease_owner == owner) & (QueueItem.state == "queued")
+    cond = (QueueItem.id == item_id) & (QueueItem.lease_owner == owner) & (QueueItem.state == "queued")
     return QueueItem.update(values).where(cond).execute() > 0
+
+
+def finish_delivered_sync(ids: list[int], *, now: float, code: int, error: str = "") -> None:
+    """Rows whose copies the remote took with reply `code`: delivered, lease dropped, in one
+    statement.  Whoever holds the lease now: the delivery already happened."""
+    values = _outcome_values("delivered", now, code, error)
+    run_cached(("queue.delivered", len(ids)), lambda: QueueItem.update(values).where(QueueItem.id.in_(ids)),
+               ["delivered", 1, None, None, code, error[:2000], now, *ids])
 
 
 def renew_sync(owner: str, ids: Iterable[int], until: float) -> set[int]:
