@@ -61,16 +61,13 @@ def _key(pem: bytes) -> rsa.RSAPrivateKey:
     key = _keys.get(pem)
     if key is not None:
         return key
-    with _keys_lock:  # one thread parses (slow: OpenSSL checks the key), the others wait for it
-        key = _keys.get(pem)
-        if key is not None:
-            return key
-        try:
-            key = serialization.load_pem_private_key(pem, password=None)
-        except (ValueError, TypeError) as exc:
-            raise SigningError(f"unusable DKIM private key: {exc}") from exc
-        if not isinstance(key, rsa.RSAPrivateKey):
-            raise SigningError("unusable DKIM private key: not an RSA key")
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise SigningError(f"unusable DKIM private key: {exc}") from exc
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise SigningError("unusable DKIM private key: not an RSA key")
+    with _keys_lock:
         if len(_keys) >= _MAX_KEYS:
             _keys.clear()
         _keys[pem] = key
