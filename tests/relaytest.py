@@ -1,6 +1,6 @@
 """Helpers for the relay tests (tests/test_relay*.py): queue mail through the real send path,
 read the store, publish a domain's DKIM key in the loopback DNS, and verify DKIM with Debian's
-Mail::DKIM (libmail-dkim-perl), an implementation independent of mailplat's signer (mailauth.dkim)."""
+Mail::DKIM (libmail-dkim-perl), an implementation independent of the dkimpy that signs."""
 from __future__ import annotations
 
 import email.utils

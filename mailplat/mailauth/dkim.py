@@ -1,36 +1,31 @@
-"""DKIM signing of outgoing mail (RFC 6376): the one place mailplat signs.
+"""DKIM signing of outgoing mail: the one place mailplat signs (dkimpy).
 
 Owns `sign()`: rsa-sha256, relaxed/relaxed canonicalisation, no l= tag, over the message after
 its line endings are normalised to CRLF (exactly the bytes then sent).  Headers signed: those
-RFC 6376 5.4.1 recommends that are present, and the identity headers (From, To, Cc, Subject,
-Date, Message-Id, Reply-To, Sender, MIME-Version, Content-Type, ...) oversigned, i.e. listed
-once more in h= so that adding another instance (or adding an absent one) breaks the signature.
-Keys come from core.domains.dkim_signing_key_sync (mailauth.dkimkeys made them).
+RFC 6376 recommends that are present, and the identity headers (From, To, Cc, Subject, Date,
+Message-Id, Reply-To, Sender, MIME-Version, Content-Type, ...) oversigned, i.e. listed once more
+in h= so that adding another instance (or adding an absent one) breaks the signature.
+Signing is CPU work: the relay calls it in a thread pool, never on the event loop.  Keys come
+from core.domains.dkim_signing_key_sync (mailauth.dkimkeys made them).
 
-Speed: signing runs once per relayed copy.  Canonicalisation is a few byte-level regular
-expression passes, the RSA step is OpenSSL's (through `cryptography`, which releases the
-interpreter lock), and each PEM key is parsed once and kept.  The relay calls sign() in a
-thread pool, never on the event loop.
+Speed: dkimpy does everything (canonicalisation, hashing, h=/bh=/b= tags, folding) but its RSA
+private-key step is pure-Python big-integer arithmetic that holds the GIL (~7 ms per 2048-bit
+signature).  `_openssl_rsa_sign` takes that one step, for keys this module has loaded, to
+OpenSSL through `cryptography`: RSASSA-PKCS1-v1_5 is deterministic, so the signature bytes are
+identical (tests/test_relay_dkim.py checks), it is several times faster and releases the GIL.
+Likewise dkimpy's per-signature PEM parsing is done once per key (`_parse_pem_cached`).
 """
 from __future__ import annotations
 
-import base64
-import hashlib
 import re
 import threading
-import time
 
+import dkim
+import dkim.crypto
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import padding, utils
 
-# Recommended by RFC 6376 5.4.1, plus the MIME and identity headers; signed when present.
-SIGNED = frozenset((
-    b"from", b"sender", b"reply-to", b"subject", b"date", b"message-id", b"to", b"cc",
-    b"mime-version", b"content-type", b"content-transfer-encoding", b"content-id",
-    b"content-description", b"resent-date", b"resent-from", b"resent-sender", b"resent-to",
-    b"resent-cc", b"resent-message-id", b"in-reply-to", b"references", b"list-id", b"list-help",
-    b"list-unsubscribe", b"list-unsubscribe-post", b"list-subscribe", b"list-post", b"list-owner",
-    b"list-archive"))
+CANONICALIZE = (b"relaxed", b"relaxed")
 # Signed once more than they occur, whether present or not (protects against additions).
 OVERSIGNED = (b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"reply-to", b"sender",
               b"mime-version", b"content-type", b"content-transfer-encoding", b"in-reply-to",
@@ -38,8 +33,6 @@ OVERSIGNED = (b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"reply
 
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _BARE_CR = re.compile(rb"\r(?!\n)")
-_WSP = re.compile(rb"[ \t]+")
-_FOLD_AT = 72  # characters of b= per line
 
 
 def normalize_crlf(raw: bytes) -> bytes:
@@ -51,68 +44,52 @@ class SigningError(Exception):
     pass
 
 
-# -- keys ----------------------------------------------------------------------------------------
-_keys: dict[bytes, rsa.RSAPrivateKey] = {}
+# -- the RSA step through OpenSSL ----------------------------------------------------------------
+_keys: dict[bytes, object] = {}          # PEM -> cryptography private key
+_by_modulus: dict[int, object] = {}      # modulus -> cryptography private key
 _keys_lock = threading.Lock()
+_pure_python_sign = dkim.crypto.RSASSA_PKCS1_v1_5_sign
 _MAX_KEYS = 1000
 
 
-def _key(pem: bytes) -> rsa.RSAPrivateKey:
-    key = _keys.get(pem)
-    if key is not None:
-        return key
-    try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError) as exc:
-        raise SigningError(f"unusable DKIM private key: {exc}") from exc
-    if not isinstance(key, rsa.RSAPrivateKey):
-        raise SigningError("unusable DKIM private key: not an RSA key")
+def _load_key(pem: bytes) -> None:
+    with _keys_lock:
+        if pem in _keys:
+            return
+    key = serialization.load_pem_private_key(pem, password=None)
     with _keys_lock:
         if len(_keys) >= _MAX_KEYS:
             _keys.clear()
+            _by_modulus.clear()
         _keys[pem] = key
-    return key
+        _by_modulus[key.private_numbers().public_numbers.n] = key
 
 
-# -- canonicalisation (RFC 6376 3.4.2 and 3.4.4, relaxed) ------------------------------------------
-def relaxed_body(body: bytes) -> bytes:
-    """Whitespace runs as one space, none at line ends, no empty lines at the end; a non-empty
-    body ends with CRLF, an empty one stays empty.  `body` has CRLF line endings."""
-    body = _WSP.sub(b" ", body).replace(b" \r\n", b"\r\n")
-    if body.endswith(b" "):
-        body = body[:-1]
-    body = body.rstrip(b"\r\n")
-    return body + b"\r\n" if body else b""
+def _openssl_rsa_sign(hash_obj, private_key: dict) -> bytes:
+    key = _by_modulus.get(private_key.get("modulus"))
+    if key is None or getattr(hash_obj, "name", "") != "sha256":
+        return _pure_python_sign(hash_obj, private_key)
+    return key.sign(hash_obj.digest(), padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
 
 
-def relaxed_header(name: bytes, value: bytes) -> bytes:
-    """`name:value` lower-cased name, value unfolded, whitespace runs as one space, none at
-    either end (no CRLF appended)."""
-    return name.rstrip(b" \t").lower() + b":" + _WSP.sub(b" ", value.replace(b"\r\n", b"")).strip(b" ")
+dkim.RSASSA_PKCS1_v1_5_sign = _openssl_rsa_sign  # the name dkim.DKIM.gen_header calls
+
+_pure_python_parse = dkim.parse_pem_private_key
+_parsed: dict[bytes, dict] = {}
 
 
-def _fields(head: bytes) -> list[tuple[bytes, bytes]]:
-    """(name, raw value) of each header field, continuation lines kept (CRLF between them)."""
-    fields: list[list[bytes]] = []
-    for line in head.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1][1] += b"\r\n" + line
-        else:
-            name, _, value = line.partition(b":")
-            fields.append([name, value])
-    return [(name, value) for name, value in fields]
+def _parse_pem_cached(pem: bytes) -> dict:
+    """dkimpy parses the PEM (pure-Python ASN.1) on every signature; parse each key once."""
+    parsed = _parsed.get(pem)
+    if parsed is None:
+        parsed = _pure_python_parse(pem)
+        if len(_parsed) >= _MAX_KEYS:
+            _parsed.clear()
+        _parsed[pem] = parsed
+    return dict(parsed)
 
 
-def _fold_list(names: list[bytes]) -> bytes:
-    out, line = [], 0
-    for i, name in enumerate(names):
-        piece = name if i == 0 else b":" + name
-        if line + len(piece) > _FOLD_AT:
-            out.append(b"\r\n ")
-            line = 1
-        out.append(piece)
-        line += len(piece)
-    return b"".join(out)
+dkim.parse_pem_private_key = _parse_pem_cached  # the name dkim.DKIM.sign calls
 
 
 def sign(raw: bytes, domain: str, selector: str, private_key_pem: str | bytes) -> bytes:
@@ -121,30 +98,17 @@ def sign(raw: bytes, domain: str, selector: str, private_key_pem: str | bytes) -
     if not message.endswith(b"\r\n"):
         message += b"\r\n"
     pem = private_key_pem.encode("ascii") if isinstance(private_key_pem, str) else private_key_pem
-    key = _key(pem)
-    end = message.find(b"\r\n\r\n")
-    head, body = (message[:-2], b"") if end < 0 else (message[:end], message[end + 4:])
-    fields = _fields(head)
-    by_name: dict[bytes, list[bytes]] = {}
-    for name, value in fields:
-        by_name.setdefault(name.rstrip(b" \t").lower(), []).append(value)
-    if b"from" not in by_name:
-        raise SigningError("the message has no From header, which DKIM must sign")
-    present = [n for n in (name.rstrip(b" \t").lower() for name, _ in fields) if n in SIGNED]
-    h = present + list(OVERSIGNED)
-    # Each h= name takes the last instance of that header not yet taken (RFC 6376 5.4.2);
-    # a name with none left adds nothing.
-    signed = []
-    for name in h:
-        values = by_name.get(name)
-        if values:
-            signed.append(relaxed_header(name, values.pop()) + b"\r\n")
-    bh = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
-    header = (b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=" + domain.encode("ascii")
-              + b"; s=" + selector.encode("ascii") + b";\r\n t=" + str(int(time.time())).encode("ascii")
-              + b"; h=" + _fold_list(h) + b";\r\n bh=" + bh + b";\r\n b=")
-    name, _, value = header.partition(b":")
-    signed.append(relaxed_header(name, value))
-    signature = base64.b64encode(key.sign(b"".join(signed), padding.PKCS1v15(), hashes.SHA256()))
-    folded = b"\r\n ".join(signature[i:i + _FOLD_AT] for i in range(0, len(signature), _FOLD_AT))
-    return header + folded + b"\r\n" + message
+    try:
+        _load_key(pem)
+    except (ValueError, TypeError) as exc:
+        raise SigningError(f"unusable DKIM private key: {exc}") from exc
+    signer = dkim.DKIM(message, linesep=b"\r\n", signature_algorithm=b"rsa-sha256")
+    present = [name for name, _ in signer.headers
+               if name.lower() in signer.should_sign or name.lower() in OVERSIGNED]
+    include = present + [h for h in OVERSIGNED if h not in signer.should_not_sign]
+    try:
+        header = signer.sign(selector.encode("ascii"), domain.encode("ascii"), pem,
+                             canonicalize=CANONICALIZE, include_headers=include, length=False)
+    except dkim.DKIMException as exc:
+        raise SigningError(str(exc)) from exc
+    return header + message

@@ -2,7 +2,7 @@
 
 Owns making RSA key pairs (1024 or 2048 bits, with `cryptography`, off the event loop) and
 turning a stored public key into the `k=rsa; p=...` TXT value and back.  Private keys are PEM
-(PKCS#1); public keys are base64 DER SubjectPublicKeyInfo, exactly what a
+(PKCS#1, which dkimpy reads); public keys are base64 DER SubjectPublicKeyInfo, exactly what a
 DKIM `p=` tag carries.  core.domains stores them in DkimKey rows; mailauth.dkim signs with them.
 """
 from __future__ import annotations
