@@ -117,12 +117,23 @@ def _prepare(job: Job) -> bytes:
     return dkimsign.sign(data, d, selector, pem)  # normalises line endings itself
 
 
+def _pid_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # runs, as another user
+        return True
+    return True
+
+
 class Worker:
     def __init__(self, ctx):
         self.ctx = ctx
         self.cfg = ctx.config.relay
         self.clock = make_clock(ctx.clock)
-        self.owner = f"{socket.gethostname()[:30]}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.host = socket.gethostname()[:30]
+        self.owner = f"{self.host}:{os.getpid()}:{secrets.token_hex(4)}"
         self.mx = MxResolver(ctx.resolver, allow_private=self.cfg.allow_private_mx)
         self.helo = ctx.config.server.hostname
         # Rows in hand: enough to keep every connection busy, few enough to leave the rest to
@@ -149,6 +160,9 @@ class Worker:
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        released = await self.ctx.store.write(queue.release_dead_owners_sync, self.host, self.clock(), _pid_runs)
+        if released:
+            logs.event(log, "leases of a dead relay process released", rows=released)
         queue.add_waker(self._wake_threadsafe)
         if self.ctx.store.is_postgres:
             self.listener = queue.Listener(self.ctx.store.url, self._wake_threadsafe)

@@ -127,6 +127,25 @@ def claim_sync(owner: str, now: float, lease_seconds: float, limit: int) -> list
     return [row[0] for row in cursor.fetchall()]
 
 
+def release_dead_owners_sync(host: str, now: float, alive: Callable[[int], bool]) -> int:
+    """Leases held by relay processes of this host that no longer run (one killed, then the
+    relay restarted): released now rather than when they run out.  Owners are
+    `<host>:<pid>:<token>` (relay.worker); a pid that runs is left alone, whatever runs under it
+    now, so only a certainly dead owner loses its rows.  Returns how many rows were released."""
+    rows = (QueueItem.select(QueueItem.lease_owner).distinct()
+            .where((QueueItem.state == "queued") & (QueueItem.lease_until > now)
+                   & QueueItem.lease_owner.startswith(host + ":")).tuples())
+    dead = []
+    for (owner,) in rows:
+        pid = owner[len(host) + 1:].partition(":")[0]
+        if pid.isdigit() and not alive(int(pid)):
+            dead.append(owner)
+    if not dead:
+        return 0
+    return (QueueItem.update(lease_until=now)
+            .where((QueueItem.state == "queued") & QueueItem.lease_owner.in_(dead)).execute())
+
+
 def next_due_sync(now: float) -> float | None:
     """When the earliest queued row becomes claimable (its attempt time or its lease end)."""
     row = (QueueItem.select(peewee.fn.MIN(QueueItem.next_attempt_at))
