@@ -7,7 +7,7 @@ Also the matching of each filter field against a stored event (event, recipient,
 subject, message-id, tags, severity, attachment, size, list), and the SQL pushdown the
 indexed columns allow (a plain OR-list of values on event, recipient, message-id, severity
 becomes an IN on the (domain, column, timestamp) indexes) and the text fields (subject, from,
-to, attachment) have as SQL over store.models.EventText (`search_text` builds its row).  Those
+attachment) have as SQL over store.models.EventText (`search_text` builds its row).  Those
 become two things: `text_condition`, the exact filter as SQL (instr / LIKE on the lower-cased
 text), which lets the timestamp walk skip non-matching rows without reading their JSON, and
 `index_probe`, a necessary condition the substring index answers (FTS5 trigram MATCH on SQLite,
@@ -29,8 +29,8 @@ FIELDS = ("event", "recipient", "from", "to", "subject", "message-id", "tags", "
           "attachment", "size", "list")
 SQL_FIELDS = {"event": Event.event, "recipient": Event.recipient, "message-id": Event.message_id,
               "severity": Event.severity}
-TEXT_FIELDS = {"subject": EventText.subject, "from": EventText.from_text, "to": EventText.to_text,
-               "attachment": EventText.attachment}
+# Text filters the substring index serves ("to" is not among them: see store.models.EventText).
+TEXT_FIELDS = {"subject": EventText.subject, "from": EventText.from_text, "attachment": EventText.attachment}
 _NUL = "\ufffd"  # stands for NUL in EventText
 NUMERIC = {"size"}
 MAX_TERMS = 100

@@ -169,15 +169,16 @@ class Event(BaseModel):
 
 
 class EventText(BaseModel):
-    """The text the events API's subject/from/to/attachment filters search, lower-cased as
+    """The text the events API's subject/from/attachment filters search, lower-cased as
     core.eventquery matches it (`search_text`), one row per event, gone with it (cascade).
+    The To header is left out: a send to 1,000 addresses would copy and index that whole list
+    once per event; the `to` filter is matched on the event JSON during the walk.
     Its substring index is not a model: migration 0009 adds the FTS5 trigram table `event_fts`
     (external content over this table, kept in step by triggers) on SQLite and the pg_trgm GIN
     index `event_text_trgm` on PostgreSQL."""
     event = pw.ForeignKeyField(Event, primary_key=True, column_name="event_row", on_delete="CASCADE")
     subject = pw.TextField(default="")
     from_text = pw.TextField(default="")
-    to_text = pw.TextField(default="")
     attachment = pw.TextField(default="")
 
 

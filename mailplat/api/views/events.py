@@ -10,15 +10,14 @@ opaque token holding the query and the position, so mailgun.js (which requests
 Every page, an empty last one too, carries paging.  Items are the stored event JSON
 (core/events.build); this module only reads.
 
-Text filters (subject, from, to, attachment) take one of two plans per page.  A term the
-substring index finds in at most PROBE_CAP events (of all domains) is rare: those candidates'
-rows are fetched by id, sorted and paged.  Otherwise (a common term, one a sample of events
-says is not rare, or only NOT / short terms)
-the walk goes down the (domain, timestamp) index joined to event_text and tests the exact text
-condition in SQL, reading the JSON of matching rows only; at most MAX_SCAN rows per page, as
-before.  The probe leaves out trigrams common in a sample of events: FTS5 reads a
-phrase's every doclist whole (pg_trgm's GIN scan its posting lists), and a common trigram's
-costs as much as the walk.
+Text filters (subject, from, attachment; `to` is matched on the JSON) take one of two plans
+per page.  A term the substring index finds in at most PROBE_CAP events (of all domains) is
+rare: those candidates' rows are fetched by id, sorted and paged.  Otherwise (a common term,
+one a sample of events says is not rare, or only NOT / short terms) the walk goes down the
+(domain, timestamp) index joined to event_text and tests the exact text condition in SQL,
+reading the JSON of matching rows only; at most MAX_SCAN rows per page.  The probe leaves out
+trigrams common in a sample of events: FTS5 reads a phrase's every doclist whole (pg_trgm's
+GIN scan its posting lists), and a common trigram's costs as much as the walk.
 """
 from __future__ import annotations
 

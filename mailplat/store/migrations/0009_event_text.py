@@ -1,5 +1,5 @@
-"""The events API's substring index: event_text holds each event's lower-cased subject, from,
-to and attachment text (core.eventquery.search_text), one row per event, deleted with it; on
+"""The events API's substring index: event_text holds each event's lower-cased subject, from
+and attachment text (core.eventquery.search_text), one row per event, deleted with it; on
 SQLite an FTS5 trigram table over it (external content, kept in step by triggers), on
 PostgreSQL a pg_trgm GIN index (pg_trgm ships with PostgreSQL's contrib and is a trusted
 extension since 13, so the database's owner may create it).  Existing events are backfilled."""
@@ -9,7 +9,7 @@ from peewee import *
 
 from mailplat.core.eventquery import search_text
 
-COLUMNS = ("subject", "from_text", "to_text", "attachment")
+COLUMNS = ("subject", "from_text", "attachment")
 BACKFILL_CHUNK = 5000
 
 
@@ -24,7 +24,6 @@ def up(migrator, db):
         event = ForeignKeyField(Event, primary_key=True, column_name='event_row', on_delete='CASCADE')
         subject = TextField(default='')
         from_text = TextField(default='')
-        to_text = TextField(default='')
         attachment = TextField(default='')
         class Meta:
             database = db
