@@ -70,6 +70,13 @@ class _Handler:
                 connection=id(session), at=time.time()))
         return "250 2.0.0 OK queued"
 
+    async def handle_QUIT(self, server, session, envelope):
+        sink = self.sink
+        while sink._stall_quit.is_set():
+            sink.quitting.add(id(session))
+            await asyncio.sleep(0.02)
+        return "221 Bye"
+
 
 class _InjectingSMTP(SMTP):
     """Sends `injection` as plaintext right behind '220 Ready to start TLS' (the STARTTLS
@@ -112,6 +119,8 @@ class SmtpSink:
         self.stalled_sessions: set[int] = set()
         self.lock = threading.Lock()
         self._stall = threading.Event()
+        self._stall_quit = threading.Event()
+        self.quitting: set[int] = set()  # sessions held in QUIT by stall_quit
         self.controller: Controller | None = None
 
     def start(self) -> "SmtpSink":
@@ -127,6 +136,7 @@ class SmtpSink:
 
     def stop(self) -> None:
         self._stall.clear()
+        self._stall_quit.clear()
         if self.controller is not None:
             self.controller.stop()
             self.controller = None
@@ -141,8 +151,13 @@ class SmtpSink:
     def stall_data(self) -> None:
         self._stall.set()
 
+    def stall_quit(self) -> None:
+        """Hold every QUIT unanswered (a client closing its session waits) until unstall()."""
+        self._stall_quit.set()
+
     def unstall(self) -> None:
         self._stall.clear()
+        self._stall_quit.clear()
 
     # -- inspection --------------------------------------------------------------------------
     def to(self, recipient: str) -> list[Received]:

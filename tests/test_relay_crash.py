@@ -152,3 +152,29 @@ def test_a_remote_silent_past_command_timeout_is_a_temporary_failure_then_retrie
     finally:
         server.stop()
         sink.stop()
+
+
+def test_mail_claimed_while_a_destination_closes_its_session_is_still_sent(tmp_path, dns_server):
+    """A row claimed for a destination whose only task is closing its session (waiting for the
+    reply to QUIT) gets a task of its own once that one ends, instead of waiting forever."""
+    sink = SmtpSink().start()
+    sets = dns_sets(dns_server) + ["relay.allow_private_mx=true", f"relay.remote_port={sink.port}",
+                                   "relay.retry_schedule=0.5"]
+    server = start_server(tmp_path / "data", sets=sets)
+    try:
+        sender = f"s{uuid.uuid4().hex[:8]}.example.test"
+        create_domain(server, dns_server, sender)
+        rdom = f"r{uuid.uuid4().hex[:8]}.example.test"
+        point_mx(dns_server, rdom, "127.0.0.1")
+        sink.stall_quit()
+        send(server, sender, [f"first@{rdom}"])
+        wait_for(lambda: sink.quitting, timeout=20, what="the relay closing its session")
+        send(server, sender, [f"second@{rdom}"])
+        db = db_url_of(server.data_dir)
+        wait_for(lambda: [r for r in queue_rows(db) if r["recipient"] == f"second@{rdom}" and r["lease_owner"]],
+                 timeout=20, what="the second row claimed while the first session closes")
+        sink.unstall()
+        wait_for(lambda: sink.to(f"second@{rdom}"), timeout=20, what="the second message delivered")
+    finally:
+        server.stop()
+        sink.stop()

@@ -333,7 +333,12 @@ class Worker:
                         await session.close()
         finally:
             self.dest_tasks[domain] -= 1
-            if not self.pending.get(domain):
+            if self.pending.get(domain):
+                # Claimed while this task was closing its session (it still counted as
+                # running, so no task was started for them): start one now.
+                if not self.stopping:
+                    self._ensure_destinations(domain)
+            else:
                 self.pending.pop(domain, None)
                 if self.dest_tasks[domain] <= 0:
                     self.dest_tasks.pop(domain, None)
