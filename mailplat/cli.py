@@ -306,6 +306,17 @@ def _db_repair(cfg: configmod.Config) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    """A non-negative number of seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0 or value == float("inf"):  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be zero or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailplat", description="Self-hosted mail platform")
     # SUPPRESS: a nested parser (`key create`) must not reset a value given earlier
@@ -374,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     bsub.add_parser("repair", parents=[common], help="rebuild a damaged SQLite store (services stopped)")
     gc = bsub.add_parser("gc", parents=[common], help="delete message bodies nothing references any more "
                          "(the inbound worker does it hourly)")
-    gc.add_argument("--grace", type=float, default=3600.0,
+    gc.add_argument("--grace", type=_seconds, default=3600.0,
                     help="only bodies stored at least this many seconds ago (default 3600)")
     p.set_defaults(fn=cmd_db)
     return parser

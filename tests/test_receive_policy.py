@@ -398,6 +398,10 @@ def test_expunged_message_body_is_collected(mx):
     imap.uid("STORE", "1", "+FLAGS", "(\\Deleted)")
     imap.expunge()
     imap.logout()
+    for bad in ("-1", "nan", "soon"):  # a negative grace would remove bodies being stored now
+        refused = mx.cli("db", "gc", "--grace", bad, check=False)
+        assert refused.returncode == 2 and "--grace" in refused.stderr, bad
+    assert sorted(_with_store(url, mailboxes.blobs_present_sync, shas)) == sorted(shas)  # nothing removed
     out = mx.cli("db", "gc", "--grace", "0").stdout
     assert out.startswith("deleted ")
     present = _with_store(url, mailboxes.blobs_present_sync, shas)
