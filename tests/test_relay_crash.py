@@ -17,16 +17,22 @@ pytestmark = pytest.mark.timeout(180)
 N = 40
 
 
+def sender_and_remote(server, dns_server) -> tuple[str, str]:
+    """A new sending domain on `server`, and a remote domain whose MX is the loopback sink."""
+    sender = f"s{uuid.uuid4().hex[:8]}.example.test"
+    create_domain(server, dns_server, sender)
+    rdom = f"r{uuid.uuid4().hex[:8]}.example.test"
+    point_mx(dns_server, rdom, "127.0.0.1")
+    return sender, rdom
+
+
 def test_kill_9_mid_delivery_then_restart_delivers_everything(tmp_path, dns_server):
     sink = SmtpSink().start()
     sets = dns_sets(dns_server) + ["relay.allow_private_mx=true", f"relay.remote_port={sink.port}",
                                    "relay.retry_schedule=0.5", "relay.per_destination=3"]  # lease: 300 s
     server = start_server(tmp_path / "data", sets=sets)
     try:
-        sender = f"s{uuid.uuid4().hex[:8]}.example.test"
-        create_domain(server, dns_server, sender)
-        rdom = f"r{uuid.uuid4().hex[:8]}.example.test"
-        point_mx(dns_server, rdom, "127.0.0.1")
+        sender, rdom = sender_and_remote(server, dns_server)
         rcpts = [f"user{i}@{rdom}" for i in range(N)]
         sink.data_replies = []
         # A few go through, then the remote MX stalls in DATA with deliveries in flight.
@@ -67,10 +73,7 @@ def test_slow_delivery_keeps_its_lease_so_a_second_relay_never_sends_it_too(tmp_
     server = start_server(tmp_path / "data", sets=sets)
     second = start_relay(server.data_dir, tmp_path / "relay2.log")
     try:
-        sender = f"s{uuid.uuid4().hex[:8]}.example.test"
-        create_domain(server, dns_server, sender)
-        rdom = f"r{uuid.uuid4().hex[:8]}.example.test"
-        point_mx(dns_server, rdom, "127.0.0.1")
+        sender, rdom = sender_and_remote(server, dns_server)
         rcpts = [f"slow{i}@{rdom}" for i in range(6)]
         sink.stall_data()
         send(server, sender, rcpts)
@@ -100,10 +103,7 @@ def test_sigterm_releases_waiting_rows_and_finishes_the_one_in_flight(tmp_path, 
                                    "relay.per_destination=1"]  # default lease (300 s)
     server = start_server(tmp_path / "data", sets=sets)
     try:
-        sender = f"s{uuid.uuid4().hex[:8]}.example.test"
-        create_domain(server, dns_server, sender)
-        rdom = f"r{uuid.uuid4().hex[:8]}.example.test"
-        point_mx(dns_server, rdom, "127.0.0.1")
+        sender, rdom = sender_and_remote(server, dns_server)
         rcpts = [f"t{i}@{rdom}" for i in range(10)]
         sink.stall_data()
         send(server, sender, rcpts)
@@ -136,10 +136,7 @@ def test_a_remote_silent_past_command_timeout_is_a_temporary_failure_then_retrie
                                    "relay.retry_schedule=0.5", "relay.command_timeout=1"]
     server = start_server(tmp_path / "data", sets=sets, services=["api", "relay"])
     try:
-        sender = f"s{uuid.uuid4().hex[:8]}.example.test"
-        create_domain(server, dns_server, sender)
-        rdom = f"r{uuid.uuid4().hex[:8]}.example.test"
-        point_mx(dns_server, rdom, "127.0.0.1")
+        sender, rdom = sender_and_remote(server, dns_server)
         rcpt = f"slow@{rdom}"
         db = db_url_of(server.data_dir)
         sink.stall_data()  # no reply to the end of DATA
@@ -162,10 +159,7 @@ def test_mail_claimed_while_a_destination_closes_its_session_is_still_sent(tmp_p
                                    "relay.retry_schedule=0.5"]
     server = start_server(tmp_path / "data", sets=sets)
     try:
-        sender = f"s{uuid.uuid4().hex[:8]}.example.test"
-        create_domain(server, dns_server, sender)
-        rdom = f"r{uuid.uuid4().hex[:8]}.example.test"
-        point_mx(dns_server, rdom, "127.0.0.1")
+        sender, rdom = sender_and_remote(server, dns_server)
         sink.stall_quit()
         send(server, sender, [f"first@{rdom}"])
         wait_for(lambda: sink.quitting, timeout=20, what="the relay closing its session")
