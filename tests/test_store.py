@@ -187,6 +187,64 @@ def test_failing_job_rolls_back_only_itself(store):
     assert got == ["a@x.test", "c@x.test"]
 
 
+def _bounces_merged(items: list) -> list:
+    """A write_merged function: refuses addresses starting with "no" (writing nothing for
+    them), inserts the rest in one statement, and calls how many it was given."""
+    calls.append(len(items))
+    out = [ValueError(f"refused {a}") if a.startswith("no") else None for _, a in items]
+    keep = [(d, a) for (d, a), o in zip(items, out) if o is None]
+    if keep:
+        models.Bounce.insert_many([{"domain": d, "address": a} for d, a in keep]).execute()
+    return [o if o is not None else a for (_, a), o in zip(items, out)]
+
+
+calls: list[int] = []
+
+
+def test_merged_jobs_share_one_call_and_fail_alone(store):
+    """write_merged jobs queued behind a busy writer run as ONE call; an item the call refuses
+    fails alone; a call that raises (a duplicate key) is rolled back and its jobs run one by one,
+    so only the duplicate fails."""
+    domain = f"m{uuid.uuid4().hex[:8]}.test"
+
+    async def go(addresses):
+        started, gate = threading.Event(), threading.Event()
+        blocker = asyncio.ensure_future(store.write(_hold, started, gate))
+        assert await asyncio.to_thread(started.wait, 30)
+        jobs = [asyncio.ensure_future(store.write_merged(_bounces_merged, (domain, a))) for a in addresses]
+        await asyncio.sleep(0)
+        gate.set()
+        await blocker
+        return await asyncio.gather(*jobs, return_exceptions=True)
+
+    calls.clear()
+    results = asyncio.run(go(["a@x.test", "no@x.test", "b@x.test"]))
+    assert results[0] == "a@x.test" and results[2] == "b@x.test"
+    assert isinstance(results[1], ValueError) and "no@x.test" in str(results[1])
+    assert calls == [3]
+
+    calls.clear()
+    results = asyncio.run(go(["c@x.test", "a@x.test", "d@x.test"]))  # a@ exists: the call raises
+    assert results[0] == "c@x.test" and results[2] == "d@x.test"
+    assert isinstance(results[1], storedb.IntegrityError)
+    assert calls == [3, 1, 1, 1]
+    with store.sync():
+        got = sorted(b.address for b in models.Bounce.select().where(models.Bounce.domain == domain))
+    assert got == ["a@x.test", "b@x.test", "c@x.test", "d@x.test"]
+
+
+def test_insert_rows_returns_ids_in_row_order(store):
+    domain = f"i{uuid.uuid4().hex[:8]}.test"
+
+    def insert():
+        rows = [{"domain": domain, "address": f"u{i}@x.test"} for i in (3, 1, 2)]
+        ids = storedb.insert_rows(models.Bounce, rows, returning_ids=True)
+        return [(i, models.Bounce.get_by_id(i).address) for i in ids]
+
+    got = asyncio.run(store.write(insert))
+    assert [a for _, a in got] == ["u3@x.test", "u1@x.test", "u2@x.test"]
+
+
 def test_unique_index_race_exactly_one_wins(store):
     domain = f"r{uuid.uuid4().hex[:8]}.test"
 

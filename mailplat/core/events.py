@@ -111,9 +111,8 @@ def record_many_sync(domain: str, datas: list[dict]) -> None:
         return
     for i in range(0, len(datas), 100):
         chunk = datas[i:i + 100]
-        insert_rows(Event, [_row(domain, d) for d in chunk])
-        ids = dict(Event.select(Event.event_id, Event.id).where(Event.event_id.in_([d["id"] for d in chunk])).tuples())
-        insert_rows(EventText, [{"event": ids[d["id"]], **search_text(d)} for d in chunk])
+        ids = insert_rows(Event, [_row(domain, d) for d in chunk], returning_ids=True)
+        insert_rows(EventText, [{"event": row_id, **search_text(d)} for row_id, d in zip(ids, chunk)])
     for hook in RECORD_HOOKS:
         many = getattr(hook, "many", None)
         if many is not None:

@@ -206,7 +206,7 @@ async def accept(ctx, mail_from: str, rcpt_tos: list[str], raw: bytes, peer: str
         # The trace header names the job id, so the row comes first; the blob is then the
         # message as every mailbox and route will get it (delivery links it, never copies it).
         # Statements with their SQL text kept (store.db): peewee would rebuild it per message.
-        job_id = insert_rows(InboundJob, [row], returning_id=True)
+        job_id = insert_rows(InboundJob, [row], returning_ids=True)[0]
         data = received_header(hostname, SimpleNamespace(id=job_id, peer=peer, received_at=now)) + raw
         sha = blobs.digest(data)
         insert_rows(Blob, [{"sha256": sha, "size": len(data), "data": data}], ignore_conflicts=True)

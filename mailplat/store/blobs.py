@@ -37,9 +37,15 @@ def digest(data: bytes) -> str:
 def put_sync(data: bytes, sha256: str | None = None) -> str:
     """Store `data` (a no-op when the same bytes are already stored); returns its SHA-256."""
     sha = sha256 or digest(data)
-    insert_rows(Blob, [{"sha256": sha, "size": len(data), "data": data}], ignore_conflicts=True,
-                refresh="created_at")
+    put_many_sync({sha: data})
     return sha
+
+
+def put_many_sync(bodies: dict[str, bytes]) -> None:
+    """put_sync for several bodies ({SHA-256: bytes}) in one statement."""
+    if bodies:
+        insert_rows(Blob, [{"sha256": sha, "size": len(data), "data": data} for sha, data in bodies.items()],
+                    ignore_conflicts=True, refresh="created_at")
 
 
 def get_sync(sha256: str) -> bytes:

@@ -8,12 +8,17 @@ Mechanism (chosen once, here): peewee runs in threads.
   commits once.  A job's future resolves only after that commit returned, so "200"/"250" said
   after `await store.write(...)` means the data is on disk (SQLite WAL + synchronous=FULL;
   PostgreSQL's default synchronous_commit).  A failing job rolls back only its savepoint.
+  `Store.write_merged` lets the jobs of one kind that meet in a group share one call (and so
+  one statement per table: core.send's sends); if that call fails, each of its jobs is run
+  again alone, in its own savepoint.
   `Store.write_background` is the same for work nobody is waiting on (inbound delivery, relay
   outcomes): each group takes every waiting foreground job but only a few background ones, so
   a heavy background batch never sits in front of an SMTP client's 250 for long.
 - SQLite write groups start with BEGIN IMMEDIATE (several processes may share the file: the
   lock is taken, and waited for, before any statement runs), and a checkpointer thread copies
-  the WAL back into the database off the commit path.
+  the WAL back into the database off the commit path.  Writers of several processes take turns
+  through a file lock (<db>.write-lock) held around each group: a waiting writer is woken the
+  moment the other commits, where SQLite's own busy wait would sleep 1, 2, 5... ms.
 - Synchronous callers (CLI, migrations, worker threads) use `Store.sync()`.
 
 SQLite is the default (a file in the data dir); PostgreSQL comes from a postgresql:// URL.
@@ -95,6 +100,7 @@ class Store:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._write_lock = () if self.is_postgres else ("IMMEDIATE",)
+        self._turns = None  # SQLite file: the writers' turn lock, opened by the writer thread
         self._checkpointer: threading.Thread | None = None
         self._stop = threading.Event()
         self._closed = False
@@ -142,6 +148,8 @@ class Store:
             self._writer.join()
         if self._checkpointer is not None:
             self._checkpointer.join()
+        if self._turns is not None:
+            self._turns.close()
         self._reads.shutdown(wait=True)
         if not self.db.is_closed():
             self.db.close()
@@ -170,6 +178,17 @@ class Store:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._submit(fn, args, (loop, fut))
+        return await fut
+
+    async def write_merged(self, fn_many: Callable[[list], list], item: Any) -> Any:
+        """As `write`, for a job that may share ONE call with the other jobs of `fn_many` in its
+        group: the writer runs `fn_many([item, ...])` in one savepoint, and each caller gets its
+        own entry of the returned list, or has it raised when that entry is an exception
+        (`fn_many` must then have written nothing for that item).  When the shared call raises,
+        each item is run alone in a savepoint of its own, so a failure stays its own job's."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._submit(_Merged(fn_many), (item,), (loop, fut))
         return await fut
 
     async def write_background(self, fn: Callable[..., T], *args: Any) -> T:
@@ -250,8 +269,12 @@ class Store:
             results.clear()
             try:
                 self.db.connect(reuse_if_open=True)
-                with self.db.atomic(*self._write_lock):
-                    for fn, args, fut, _ in batch:
+                with self._turn(), self.db.atomic(*self._write_lock):
+                    for unit in _units(batch):
+                        if isinstance(unit, list):
+                            self._run_merged(unit, results)
+                            continue
+                        fn, args, fut, _ = unit
                         try:
                             with self.db.atomic():  # savepoint: one job's failure is its own
                                 results.append((fut, True, fn(*args)))
@@ -287,6 +310,37 @@ class Store:
             except RuntimeError:  # that loop is closed: nobody is waiting any more
                 pass
 
+    @contextmanager
+    def _turn(self):
+        """This process's turn to write (SQLite file stores; a no-op otherwise)."""
+        if self.is_postgres or self.db.database == ":memory:":
+            yield
+            return
+        if self._turns is None:
+            self._turns = open(f"{self.db.database}.write-lock", "a")
+        fcntl.flock(self._turns, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._turns, fcntl.LOCK_UN)
+
+    def _run_merged(self, jobs: list, results: list) -> None:
+        """One call of a write_merged function for `jobs` (same function), in one savepoint."""
+        try:
+            with self.db.atomic():
+                outs = jobs[0][0].fn([args[0] for _, args, _, _ in jobs])
+                if len(outs) != len(jobs):
+                    raise RuntimeError(f"{jobs[0][0].fn.__name__} returned {len(outs)} results for {len(jobs)} jobs")
+        except Exception as exc:  # noqa: BLE001 - rolled back: the jobs run again one by one
+            if len(jobs) == 1:
+                results.append((jobs[0][2], False, exc))
+                return
+            for job in jobs:
+                self._run_merged([job], results)
+            return
+        for job, out in zip(jobs, outs):
+            results.append((job[2], not isinstance(out, BaseException), out))
+
     def _reset_connection(self) -> None:
         try:
             if not self.db.is_closed():
@@ -307,17 +361,17 @@ _UNCHANGED = {peewee.CharField: str, peewee.TextField: str, peewee.IntegerField:
               peewee.BooleanField: bool}
 
 
-def insert_rows(model, rows: list[dict], *, ignore_conflicts: bool = False, returning_id: bool = False,
+def insert_rows(model, rows: list[dict], *, ignore_conflicts: bool = False, returning_ids: bool = False,
                 refresh: str | None = None):
     """INSERT `rows` (dicts with the same keys; missing fields get their defaults) in one
-    statement, inside the caller's transaction.  Returns the new id of the last row when
-    `returning_id` (one row), else None.  With `ignore_conflicts`, a row whose primary key
+    statement, inside the caller's transaction.  Returns the new rows' ids in the order of
+    `rows` when `returning_ids` (RETURNING, on SQLite 3.35 and later too), else None.  With `ignore_conflicts`, a row whose primary key
     exists is left as it is, except that on PostgreSQL its `refresh` column (if given) takes
     the new value (store.blobs: this locks the row against a concurrent garbage collection)."""
     meta = model._meta
     db = meta.database
     names = tuple(rows[0])
-    key = (model, names, len(rows), ignore_conflicts, returning_id, refresh)
+    key = (model, names, len(rows), ignore_conflicts, returning_ids, refresh)
     cached = _insert_sql.get(key)
     if cached is None:
         defaults = [(f.name, d) for f, d in meta.defaults.items() if f.name not in rows[0]]
@@ -333,14 +387,13 @@ def insert_rows(model, rows: list[dict], *, ignore_conflicts: bool = False, retu
             sql += f' ON CONFLICT ("{meta.primary_key.column_name}") DO UPDATE SET "{col}" = EXCLUDED."{col}"'
         elif ignore_conflicts:
             sql += " ON CONFLICT DO NOTHING"
-        returning = returning_id and postgres
-        if returning:
+        if returning_ids:
             sql += f' RETURNING "{meta.primary_key.column_name}"'
         if len(_insert_sql) > 1000:
             _insert_sql.clear()
         cached = _insert_sql[key] = (sql, [(_UNCHANGED.get(type(f)), f.db_value) for f in fields],
-                                     defaults, returning)
-    sql, converters, defaults, returning = cached
+                                     defaults)
+    sql, converters, defaults = cached
     params = []
     for row in rows:
         values = [row[n] for n in names]
@@ -348,9 +401,7 @@ def insert_rows(model, rows: list[dict], *, ignore_conflicts: bool = False, retu
             values += [d() if callable(d) else d for _, d in defaults]
         params += [v if type(v) is kind else conv(v) for (kind, conv), v in zip(converters, values)]
     cursor = db.execute_sql(sql, params)
-    if not returning_id:
-        return None
-    return cursor.fetchone()[0] if returning else cursor.lastrowid
+    return [row[0] for row in cursor.fetchall()] if returning_ids else None
 
 
 def run_cached(key, build: Callable[[], Any], params: list):
@@ -366,6 +417,31 @@ def run_cached(key, build: Callable[[], Any], params: list):
             _insert_sql.clear()
         _insert_sql[key] = sql
     return models.database.execute_sql(sql, params)
+
+
+class _Merged:
+    """The `fn` of a write_merged job: jobs with the same `fn_many` share one call."""
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[list], list]):
+        self.fn = fn
+
+
+def _units(batch: list) -> list:
+    """A group's jobs in order, each write_merged function's jobs gathered into one list at the
+    place of its first job."""
+    units: list = []
+    merged: dict = {}
+    for job in batch:
+        if isinstance(job[0], _Merged):
+            same = merged.get(job[0].fn)
+            if same is None:
+                same = merged[job[0].fn] = []
+                units.append(same)
+            same.append(job)
+        else:
+            units.append(job)
+    return units
 
 
 def _resolve(items) -> None:
