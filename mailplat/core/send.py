@@ -229,44 +229,98 @@ async def check_sending_domain(ctx, domain: str) -> None:
     await ctx.store.read(_check_domain, domain)
 
 
-def _store(domain: str, source: str, prep: _Prepared, sha: str, options: dict, tags: list,
-           campaigns: list, user_variables: dict, recipient_variables: dict,
-           next_attempt_at: float, now: float, clock, probes=()) -> Message:
-    """The one transaction of a send (runs in the store's writer): domain and bounce checks,
-    body, message, queue rows, events.  Raising here rolls all of it back.
+@dataclass
+class _Job:
+    """One send's part of the write: what _store_many needs of it."""
+    domain: str
+    source: str
+    prep: _Prepared
+    sha: str
+    options: dict
+    tags: list
+    campaigns: list
+    user_variables: dict
+    recipient_variables: dict
+    next_attempt_at: float
+    now: float
+    clock: object
+    probes: tuple = ()
+
+
+def _store_many(jobs: list[_Job]) -> list:
+    """The one transaction of a send (runs in the store's writer, through store.write_merged,
+    for the sends that meet in one write group): domain and bounce checks, bodies, messages,
+    queue rows, events, each table in one statement for all of them.  An entry of the result
+    is the job's Message, or the exception that refused it (nothing of that job is written).
+    Raising rolls all of it back (the writer then runs each job alone).
 
     Events are stamped here, at commit time rather than at request time, so their timestamps
     follow commit order closely (the events API's ascending walks rely on that)."""
-    _check_domain(domain)
-    for probe in probes:
-        if probe(prep.recipients):
-            raise _ExpandFirst()
-    stamp = max(clock(), now)
-    suppressed = suppressions.suppressed_sync(domain, prep.recipients, tags)
-    blobs.put_sync(prep.raw, sha)
-    fields = dict(
-        message_id=prep.message_id, domain=domain, source=source, sender=prep.sender,
-        from_header=prep.from_header[:10000], subject=prep.subject[:10000], blob=sha,
-        size=len(prep.raw), headers=prep.headers, attachments=prep.attachments, tags=tags,
-        campaigns=campaigns, user_variables=user_variables, recipient_variables=recipient_variables,
-        options=options, created_at=now)
-    message = Message(id=insert_rows(Message, [fields], returning_id=True), **fields)
+    out: list = [None] * len(jobs)
+    allowed: set[str] = set()
+    for i, job in enumerate(jobs):
+        if job.domain not in allowed:
+            try:
+                _check_domain(job.domain)
+                allowed.add(job.domain)
+            except (NotFound, ForbiddenError) as exc:
+                out[i] = exc
+    _probe(jobs, out)
+    live = [i for i, o in enumerate(out) if o is None]
+    if not live:
+        return out
+    suppressed: dict[tuple, dict] = {}
+    for i in live:
+        job = jobs[i]
+        key = (job.domain, tuple(job.tags))
+        suppressed.setdefault(key, {}).update({r: True for r in job.prep.recipients})
+    for key, rcpts in suppressed.items():
+        suppressed[key] = suppressions.suppressed_sync(key[0], list(rcpts), list(key[1]))
+    blobs.put_many_sync({jobs[i].sha: jobs[i].prep.raw for i in live})
+    fields = []
+    for i in live:
+        job, prep = jobs[i], jobs[i].prep
+        fields.append(dict(
+            message_id=prep.message_id, domain=job.domain, source=job.source, sender=prep.sender,
+            from_header=prep.from_header[:10000], subject=prep.subject[:10000], blob=job.sha,
+            size=len(prep.raw), headers=prep.headers, attachments=prep.attachments, tags=job.tags,
+            campaigns=job.campaigns, user_variables=job.user_variables,
+            recipient_variables=job.recipient_variables, options=job.options, created_at=job.now))
+    ids = insert_rows(Message, fields, returning_ids=True)
     rows = []
-    recorded = []
-    for rcpt in prep.recipients:
-        recorded.append(events.build("accepted", message, rcpt, timestamp=stamp))
-        if rcpt.lower() in suppressed:
-            recorded.append(suppressions.failed_event(message, rcpt, stamp, suppressed[rcpt.lower()]))
-            continue
-        rows.append({"message": message.id, "recipient": rcpt, "rcpt_domain": rcpt.rsplit("@", 1)[1].lower(),
-                     "state": "queued", "attempts": 0, "next_attempt_at": next_attempt_at,
-                     "created_at": now, "updated_at": now})
-    events.record_many_sync(domain, recorded)
+    recorded: dict[str, list] = {}
+    for i, message_id, values in zip(live, ids, fields):
+        job = jobs[i]
+        message = out[i] = Message(id=message_id, **values)
+        stamp = max(job.clock(), job.now)
+        dropped = suppressed[(job.domain, tuple(job.tags))]
+        datas = recorded.setdefault(job.domain, [])
+        for rcpt in job.prep.recipients:
+            datas.append(events.build("accepted", message, rcpt, timestamp=stamp))
+            if rcpt.lower() in dropped:
+                datas.append(suppressions.failed_event(message, rcpt, stamp, dropped[rcpt.lower()]))
+                continue
+            rows.append({"message": message_id, "recipient": rcpt,
+                         "rcpt_domain": rcpt.rsplit("@", 1)[1].lower(), "state": "queued", "attempts": 0,
+                         "next_attempt_at": job.next_attempt_at, "created_at": job.now, "updated_at": job.now})
+    for domain, datas in recorded.items():
+        events.record_many_sync(domain, datas)
     for i in range(0, len(rows), 200):
         insert_rows(QueueItem, rows[i:i + 200])
     if rows:
         queue.notify_new_sync()  # wakes relays (PostgreSQL NOTIFY is delivered at commit)
-    return message
+    return out
+
+
+def _probe(jobs: list[_Job], out: list) -> None:
+    """Marks _ExpandFirst on each job (not yet refused) with a recipient a probing expander
+    claims: one probe over every such job's recipients, then job by job only if it says yes."""
+    for probe in dict.fromkeys(p for job in jobs for p in job.probes):
+        mine = [i for i, job in enumerate(jobs) if out[i] is None and probe in job.probes]
+        if mine and probe([r for i in mine for r in jobs[i].prep.recipients]):
+            for i in mine:
+                if probe(jobs[i].prep.recipients):
+                    out[i] = _ExpandFirst()
 
 
 def release_bodies_sync(before: float) -> int:
@@ -313,15 +367,17 @@ async def submit(ctx, req: SendRequest, principal=None) -> SendResult:
             probes.append(probe)
         else:
             recipient_variables = await _expand(ctx, expand, domain, prep, req.source, recipient_variables)
-    args = (domain, req.source, prep, sha, opts.as_stored(), list(opts.tags), list(opts.campaigns),
-            dict(req.user_variables))
+    job = _Job(domain, req.source, prep, sha, opts.as_stored(), list(opts.tags), list(opts.campaigns),
+               dict(req.user_variables), recipient_variables, next_attempt_at, now, ctx.clock, tuple(probes))
     try:
-        await ctx.store.write(_store, *args, recipient_variables, next_attempt_at, now, ctx.clock, probes)
+        await ctx.store.write_merged(_store_many, job)
     except _ExpandFirst:
         for expand in RECIPIENT_EXPANDERS:
             if getattr(expand, "probe_sync", None) is not None:
-                recipient_variables = await _expand(ctx, expand, domain, prep, req.source, recipient_variables)
-        await ctx.store.write(_store, *args, recipient_variables, next_attempt_at, now, ctx.clock)
+                job.recipient_variables = await _expand(ctx, expand, domain, prep, req.source,
+                                                        job.recipient_variables)
+        job.probes = ()
+        await ctx.store.write_merged(_store_many, job)
     return SendResult(message_id=prep.message_id)
 
 
