@@ -71,6 +71,8 @@ class SmtpConfig:
     # Client networks (CIDRs) that may submit on the submission ports without AUTH, but only
     # with a MAIL FROM in one of our domains (never an open relay).  Empty: nobody.
     trusted_networks: tuple[str, ...] = ()
+    # Processes accepting on the submission ports (587/465); the first also runs the MX port.
+    processes: int = 1
 
 
 @dataclass(frozen=True)
@@ -303,6 +305,8 @@ def _validate(cfg: Config, problems: list) -> None:
         problems.append(("database.url", "must start with sqlite:/// or postgresql://"))
     if cfg.relay.per_destination < 1 or cfg.relay.workers < 1:
         problems.append(("relay.workers", "workers and per_destination must be at least 1"))
+    if cfg.smtp.processes < 1:
+        problems.append(("smtp.processes", "must be at least 1"))
     if cfg.relay.processes < 1:
         problems.append(("relay.processes", "must be at least 1"))
     if not cfg.relay.retry_schedule or any(s <= 0 for s in cfg.relay.retry_schedule):

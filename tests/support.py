@@ -31,6 +31,24 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str
         time.sleep(interval)
 
 
+def spawned_children(pid: int) -> list[int]:
+    """Live processes started by `pid` through multiprocessing's spawn (relay.processes,
+    smtp.processes)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z" and b"spawn_main" in cmdline:
+            found.append(int(entry))
+    return found
+
+
 def run_cli(data_dir: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = MAILPLAT + [args[0], "--data-dir", str(data_dir), *args[1:]]
     return subprocess.run(cmd, capture_output=True, text=True, check=check, cwd=ROOT,

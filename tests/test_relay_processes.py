@@ -14,26 +14,9 @@ import pytest
 from tests.conftest import dns_sets
 from tests.relaytest import create_domain, db_url_of, point_mx, queue_rows, send
 from tests.smtpsink import SmtpSink
-from tests.support import start_server, wait_for
+from tests.support import spawned_children as relay_children, start_server, wait_for
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def relay_children(pid: int) -> list[int]:
-    """Live processes started by `pid` through multiprocessing's spawn."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid and fields[0] != "Z" and b"spawn_main" in cmdline:
-            found.append(int(entry))
-    return found
 
 
 def test_two_relay_processes_share_the_queue_and_restart(tmp_path, dns_server, db_url):
