@@ -15,6 +15,8 @@
 #
 # Usage: bench/smtp_accept.sh [messages-per-run]      (needs: apt-get install postfix)
 # Each figure is the best of REPEAT (default 3) alternating runs.
+# mailplat runs with smtp.processes = SMTP_PROCESSES (default: the number of cores), as Postfix
+# runs an smtpd process per session: the submission port is served by that many processes.
 # Env: SIZES="1024 10240 102400" SESSIONS="10 50" PATHS="mx submission" SKIP_POSTFIX=1
 #      MAILPLAT_SERVICES="api smtpd" SPLIT=1 KEEP=1 (keep the work directory and processes)
 #      PY=python with mailplat's dependencies (default .venv/bin/python)
@@ -26,6 +28,7 @@ N=${1:-2000}
 SIZES=${SIZES:-"1024 10240 102400"}
 SESSIONS=${SESSIONS:-"10 50"}
 PATHS=${PATHS:-"mx submission"}
+SMTP_PROCESSES=${SMTP_PROCESSES:-$(nproc)}
 WORK=$(mktemp -d /tmp/smtp-bench.XXXXXX)
 MP_DIR="$WORK/mailplat"
 PF_DIR="$WORK/postfix"
@@ -47,7 +50,8 @@ trap cleanup EXIT
 KEY=$("$PY" -m mailplat.cli init --data-dir "$MP_DIR" --hostname bench.localhost \
       --api-port 0 --smtp-port 0 --submission-port 0 --submissions-port 0 --imap-port 0 \
       --imaps-port 0 --pop3-port 0 --pop3s-port 0 --set log.level=WARNING \
-      --set smtp.max_connections_per_ip=1000 --set smtp.trusted_networks=127.0.0.0/8 --set mailaccess.quota_bytes=1000000000000 | sed -n 's/^primary API key: \(key-[^ ]*\).*/\1/p')
+      --set smtp.max_connections_per_ip=1000 --set smtp.trusted_networks=127.0.0.0/8 --set mailaccess.quota_bytes=1000000000000 \
+      --set smtp.processes="$SMTP_PROCESSES" | sed -n 's/^primary API key: \(key-[^ ]*\).*/\1/p')
 # MAILPLAT_SERVICES="api smtpd" measures acceptance alone; SPLIT=1 runs api+smtpd in one
 # process and mailaccess+hooks (mailaccess files inbound mail into mailboxes) in a second one,
 # as separate systemd units would; the default is one `mailplat serve` with every service but
@@ -105,7 +109,7 @@ best() { "$PY" -c "import sys; v=[int(x) for x in sys.argv[1:] if x.isdigit()]; 
 # Each cell is the best of REPEAT runs, mailplat and Postfix alternating, so that load from
 # other processes on the machine hits both alike.
 REPEAT=${REPEAT:-3}
-echo "load before: $(uptime)"
+echo "load before: $(uptime); mailplat smtp.processes=$SMTP_PROCESSES"
 printf "%-11s %-8s %-9s %14s %14s %8s\n" path size sessions "mailplat msg/s" "postfix msg/s" ratio
 for path in $PATHS; do
     # shellcheck disable=SC2046
