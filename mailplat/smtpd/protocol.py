@@ -71,6 +71,9 @@ class Shared:
         self.connections = ConnectionLimiter(cfg.smtp.max_connections_per_ip, MAX_CONNECTIONS)
         self.trusted_networks = [ipaddress.ip_network(n, strict=False) for n in cfg.smtp.trusted_networks]
         self.auth = AuthThrottle()
+        # Trusted-network sender domains found to be ours and enabled: domain -> monotonic
+        # expiry (smtpd.submission; positive answers only, see SENDING_DOMAIN_TTL there).
+        self.sending_domains: dict[str, float] = {}
         self.sessions: set[Session] = set()
         self.stopping = False
         self.idle = asyncio.Event()

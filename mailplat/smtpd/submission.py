@@ -5,12 +5,18 @@ envelope sender and the From: header must be in the domain the login belongs to 
 A client in config smtp.trusted_networks may submit without AUTH (as Postfix's mynetworks),
 but only with an envelope sender in one of our enabled domains (core.send.check_sending_domain;
 anything else is 550 5.7.1, so never an open relay); that domain then plays the login's part.
+A domain found ours is remembered for SENDING_DOMAIN_TTL seconds (Shared.sending_domains): a
+trusted client sends many messages, and the store read per MAIL cost a thread hop each time.
+Only positive answers are kept, so a domain created a moment ago is accepted at once; a domain
+disabled or deleted within the TTL still gets its mail refused at end of DATA, where the send
+transaction checks the domain again before it commits (core.send).
 At end of DATA the X-Mailgun-* headers are read and stripped by core.options.from_headers and
 the message goes down the one send path, core.send.submit(); 250 is said only after it returns,
 i.e. after the message and its queue rows are committed.
 """
 from __future__ import annotations
 
+import time
 from email.parser import HeaderParser
 from email.policy import compat32
 from email.utils import getaddresses
@@ -27,6 +33,8 @@ NOT_OWNED = "550 5.7.1 Sender address not owned by the authenticated user"
 NOT_OURS = "550 5.7.1 Sender domain not hosted here: authenticate to send for other domains"
 FROM_NOT_SENDERS = "550 5.7.1 From: header outside the envelope sender's domain"
 _headers = HeaderParser(policy=compat32)
+SENDING_DOMAIN_TTL = 5.0
+SENDING_DOMAINS_MAX = 1000
 
 
 def _header_block(raw: bytes) -> bytes:
@@ -75,12 +83,20 @@ class SubmissionSession(Session):
         if not path.domain or path.literal:
             refusal = NOT_OURS
         else:
-            try:
-                await send.check_sending_domain(self.shared.ctx, path.domain)
-            except (errors.NotFound, errors.ForbiddenError):
-                refusal = NOT_OURS
-            except Exception as exc:  # noqa: BLE001 - the one translator
-                return reply_for(exc)
+            known = self.shared.sending_domains
+            now = time.monotonic()
+            if known.get(path.domain, 0.0) <= now:
+                try:
+                    await send.check_sending_domain(self.shared.ctx, path.domain)
+                except (errors.NotFound, errors.ForbiddenError):
+                    known.pop(path.domain, None)
+                    refusal = NOT_OURS
+                except Exception as exc:  # noqa: BLE001 - the one translator
+                    return reply_for(exc)
+                else:
+                    if len(known) >= SENDING_DOMAINS_MAX:
+                        known.clear()
+                    known[path.domain] = now + SENDING_DOMAIN_TTL
         if refusal:
             log.warning("trusted-network sender refused: not one of our domains",
                         extra={"fields": {"sender": path.address[:320]}})
