@@ -24,6 +24,7 @@ from email.utils import getaddresses
 import idna
 
 from .. import errors, logs
+from ..core import compose
 from . import syntax
 from .protocol import Session, reply_for
 
@@ -44,8 +45,13 @@ def _header_block(raw: bytes) -> bytes:
 
 def from_domains(raw: bytes) -> list[str]:
     """Domains of the addresses in the From: header(s) of a message."""
-    msg = _headers.parsestr(_header_block(raw).decode("utf-8", "replace"))
-    values = [str(v) for v in msg.get_all("From", [])]
+    block = _header_block(raw)
+    items = compose.header_items(block)  # the parser's own fields, without the parser
+    if items is not None:
+        values = [v.decode("utf-8", "replace") for n, v in items if n.lower() == b"from"]
+    else:
+        msg = _headers.parsestr(block.decode("utf-8", "replace"))
+        values = [str(v) for v in msg.get_all("From", [])]
     domains = []
     for _name, addr in getaddresses(values):
         domain = addr.rpartition("@")[2].strip().lower() if "@" in addr else ""
