@@ -213,3 +213,7 @@ def test_from_domains_reads_the_fields_the_header_parser_reads():
     # Past a line that is not a field the parser reads no more headers: neither do we.
     assert from_domains(b"Subject: x\r\nnot a field\r\nFrom: a@ex.test\r\n\r\nb\r\n") == []
     assert from_domains(b"From a@ex.test\r\nFrom: b@x.test\r\n\r\nb\r\n") == ["x.test"]
+    # Plain address lists (read without email.utils) give what getaddresses gives.
+    assert from_domains(b"From: a@B.c,,Name Two <d@e.f>\r\n\r\n") == ["b.c", "", "e.f"]
+    assert from_domains(b"From: A B <a@x.test>\r\nFrom: c@Y.test\r\n\r\n") == ["x.test", "y.test"]
+    assert from_domains(b"From: \r\n\r\n") == []

@@ -53,6 +53,14 @@ def from_domains(raw: bytes) -> list[str]:
         msg = _headers.parsestr(block.decode("utf-8", "replace"))
         values = [str(v) for v in msg.get_all("From", [])]
     domains = []
+    for value in values:  # the plain shapes (a@b, <a@b>, Name <a@b>) without email.utils
+        simple = compose._simple_addresses(value) if all(p.strip() for p in value.split(",")) else None
+        if simple is None:
+            break
+        domains.extend(a.address.rpartition("@")[2] for a in simple)
+    else:
+        return domains
+    domains = []
     for _name, addr in getaddresses(values):
         domain = addr.rpartition("@")[2].strip().lower() if "@" in addr else ""
         if not domain.isascii():
