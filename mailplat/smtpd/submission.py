@@ -24,7 +24,7 @@ from email.utils import getaddresses
 import idna
 
 from .. import errors, logs
-from ..core import compose
+from ..core import compose, options, send
 from . import syntax
 from .protocol import Session, reply_for
 
@@ -92,7 +92,6 @@ class SubmissionSession(Session):
         return None
 
     async def _trusted_sender(self, path: syntax.Path) -> str | None:
-        from ..core import send
         refusal = None
         if not path.domain or path.literal:
             refusal = NOT_OURS
@@ -125,7 +124,6 @@ class SubmissionSession(Session):
         return None
 
     async def on_data(self, raw: bytes) -> str:
-        from ..core import options, send
         domain = self._sending_domain()
         opts, user_variables, stripped = options.from_headers(raw)
         if any(d != domain for d in from_domains(stripped)):
