@@ -35,6 +35,7 @@ BODY_LINE_LIMIT = 1_048_576  # real mail exceeds 1,000 octets; this still bounds
 READ_CHUNK = 65536
 STREAM_LIMIT = 65536
 MAX_CONNECTIONS = 2000
+TRUSTED_IPS_KEPT = 4096  # client addresses whose smtp.trusted_networks answer is kept
 RCPT_OVERSHOOT = 1000  # 452s past the recipient limit that do not count as errors
 TEMP_FAIL = "451 4.3.0 Temporary server error, try again later"
 _ids = itertools.count(1)
@@ -70,6 +71,7 @@ class Shared:
         self.timeout = cfg.smtp.command_timeout
         self.connections = ConnectionLimiter(cfg.smtp.max_connections_per_ip, MAX_CONNECTIONS)
         self.trusted_networks = [ipaddress.ip_network(n, strict=False) for n in cfg.smtp.trusted_networks]
+        self._trusted_ips: dict[str, bool] = {}
         self.auth = AuthThrottle()
         # Trusted-network sender domains found to be ours and enabled: domain -> monotonic
         # expiry (smtpd.submission; positive answers only, see SENDING_DOMAIN_TTL there).
@@ -79,9 +81,18 @@ class Shared:
         self.idle = asyncio.Event()
 
     def trusted(self, ip: str) -> bool:
-        """Whether a client address is in config smtp.trusted_networks."""
+        """Whether a client address is in config smtp.trusted_networks (answers kept per
+        address: parsing it on every connection was a visible part of a submission)."""
         if not self.trusted_networks:
             return False
+        known = self._trusted_ips.get(ip)
+        if known is None:
+            if len(self._trusted_ips) >= TRUSTED_IPS_KEPT:
+                self._trusted_ips.clear()
+            known = self._trusted_ips[ip] = self._in_trusted_networks(ip)
+        return known
+
+    def _in_trusted_networks(self, ip: str) -> bool:
         try:
             addr = ipaddress.ip_address(ip.split("%")[0])
         except ValueError:
