@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import binascii
 import email
+import email.parser
 import random
 import time
 from email import policy
@@ -148,6 +149,40 @@ def test_complete_mime_adds_only_missing_ids():
     raw2 = b"Message-ID: <own@x.test>\nDate: Thu, 01 Jan 2026 00:00:00 +0000\nSubject: y\n\nb"
     out2, mid2, _ = compose.complete_mime(raw2, "ex.test", time.time())
     assert out2 == raw2 and mid2 == "own@x.test"
+
+
+
+# Header blocks read_headers takes without the parser (ASCII, CRLF, plain fields) and blocks
+# it leaves to the parser (envelope lines, bare LF, leading continuation, non-fields, 8-bit).
+HEADER_BLOCKS = [
+    b"From: A <a@ex.test>\r\nTo: b@ex.test,\r\n\tc@ex.test\r\nSubject:\r\n  folded\r\n",
+    b"Subject: \t \r\nX-Empty:\r\nMessage-Id: <m@x>\r\nmessage-id: <n@x>\r\nX-A: b: c \r\n",
+    b"From sender@ex.test Thu Nov 26 00:00:00 2026\r\nFrom: a@ex.test\r\n",
+    b"From: a@ex.test\r\nFrom b@ex.test\r\nTo: c@ex.test\r\n",
+    b" leading: continuation\r\nFrom: a@ex.test\r\n",
+    b"From: a@ex.test\r\nnot a field\r\nTo: b@ex.test\r\n",
+    b"From: a@ex.test\nTo: b@ex.test\r\n",
+    b":no name\r\nFrom: a@ex.test\r\n",
+    b"From : a@ex.test\r\nSubject: caf\xc3\xa9\r\n",
+]
+
+
+@pytest.mark.parametrize("block", HEADER_BLOCKS)
+def test_read_headers_is_the_parsers_message(block):
+    raw = block + b"\r\nbody\r\nFrom: not@header.test\r\n"
+    want = email.parser.BytesHeaderParser(policy=policy.compat32).parsebytes(block + b"\r\n")
+    got = compose.read_headers(raw)
+    assert got._headers == want._headers and got.get_payload() == want.get_payload()
+    assert got.get_unixfrom() == want.get_unixfrom()
+    assert [type(d) for d in got.defects] == [type(d) for d in want.defects]
+    assert [compose.decoded(got, n) for n in ("From", "To", "Subject")] == \
+        [compose.decoded(want, n) for n in ("From", "To", "Subject")]
+
+
+def test_header_items_splits_only_plain_blocks():
+    assert compose.header_items(HEADER_BLOCKS[0]) == [
+        (b"From", b"A <a@ex.test>"), (b"To", b"b@ex.test,\r\n\tc@ex.test"), (b"Subject", b"\r\n  folded")]
+    assert [compose.header_items(b) for b in HEADER_BLOCKS[2:8]] == [None] * 6
 
 
 # -- rendering ---------------------------------------------------------------------------------------

@@ -217,6 +217,61 @@ def test_too_many_errors_closes(hard):
     c.close()
 
 
+def test_command_deadline_moves_with_each_command_on_one_timer():
+    """Unit test of the lazily moved deadline, on a fake clock: a session whose commands each
+    come in time is never timed out however long it lasts, time spent on our side (paused)
+    does not count, and one late command still ends it."""
+    import asyncio
+    import types
+
+    from mailplat.smtpd.protocol import Session
+
+    class Clock:
+        now = 0.0
+        timers: list = []
+
+        def time(self):
+            return self.now
+
+        def call_at(self, when, cb):
+            handle = asyncio.TimerHandle(when, cb, (), loop)
+            self.timers.append(handle)
+            return handle
+
+        def run_until(self, t):
+            self.now = t
+            for handle in list(self.timers):
+                if handle.when() <= t and not handle.cancelled():
+                    self.timers.remove(handle)
+                    handle._run()
+
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        shared = types.SimpleNamespace(hostname="h.test", max_size=1000, timeout=1.5)
+        session = Session(shared, None, False)
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+    clock = session.loop = Clock()
+    fired = []
+    session._timeout_cb = lambda: fired.append(clock.now)
+    session._reset_timeout()
+    clock.run_until(1.0)
+    session._reset_timeout()  # the next command: its deadline is 2.5, no new timer
+    assert len(clock.timers) == 1
+    clock.run_until(1.5)
+    assert fired == [] and [h.when() for h in clock.timers] == [2.5]
+    session._pause_timeout()  # our own work from here on
+    clock.run_until(9.0)
+    assert fired == [] and clock.timers == []
+    session._reset_timeout()
+    clock.run_until(10.0)
+    assert fired == []
+    clock.run_until(10.5)
+    assert fired == [10.5]
+
+
 def test_idle_and_half_sent_command_time_out(hard):
     c = mx(hard)
     c.send(b"NOOP")  # never finished: the per-command deadline (1.5 s here) ends the session

@@ -201,3 +201,19 @@ def test_dev_mode_allows_plaintext_auth_on_loopback(server):
     assert c.sendmail(f"postmaster@{domain}", ["x@remote.test"],
                       f"From: postmaster@{domain}\r\nSubject: dev\r\n\r\nhi\r\n".encode()) == {}
     c.quit()
+
+
+def test_from_domains_reads_the_fields_the_header_parser_reads():
+    from mailplat.smtpd.submission import from_domains
+    assert from_domains(b"From: A <a@Ex.Test>, b@x.test\r\nfrom: c@y.test\r\n\r\nFrom: d@z.test\r\n") \
+        == ["ex.test", "x.test", "y.test"]
+    assert from_domains(b"From: \"A, B\" <a@ex.test>\r\n (c)\r\nTo: x@y.test\r\n\r\nb\r\n") == ["ex.test"]
+    assert from_domains("From: a@b\u00fccher.example\r\n\r\nb\r\n".encode()) == ["xn--bcher-kva.example"]
+    assert from_domains(b"From: a@\r\n ex.test\r\n\r\nb\r\n") == ["ex.test"]
+    # Past a line that is not a field the parser reads no more headers: neither do we.
+    assert from_domains(b"Subject: x\r\nnot a field\r\nFrom: a@ex.test\r\n\r\nb\r\n") == []
+    assert from_domains(b"From a@ex.test\r\nFrom: b@x.test\r\n\r\nb\r\n") == ["x.test"]
+    # Plain address lists (read without email.utils) give what getaddresses gives.
+    assert from_domains(b"From: a@B.c,,Name Two <d@e.f>\r\n\r\n") == ["b.c", "", "e.f"]
+    assert from_domains(b"From: A B <a@x.test>\r\nFrom: c@Y.test\r\n\r\n") == ["x.test", "y.test"]
+    assert from_domains(b"From: \r\n\r\n") == []

@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import PG_BASE
 from tests.support import pg_database, start_server, wait_for
 from tests.test_domains_api import store_query
+from tests.test_send_api import StoredView
 from tests.test_smtp_submission import message_row, queued_id
 
 TRUSTED_IP = "127.0.0.2"
@@ -95,3 +96,34 @@ def test_untrusted_address_still_needs_auth(trusted):
     assert c.mail(f"app@{trusted.domain}")[0] == 250
     assert c.rcpt("victim2@remote.test")[0] == 554
     c.quit()
+
+
+def test_domain_created_after_a_refused_mail_is_accepted_at_once(trusted):
+    # Only "ours" answers are remembered by the listener: a refusal is never cached.
+    domain = f"late{uuid.uuid4().hex[:8]}.example.test"
+    c = client(trusted)
+    code, msg = c.docmd(f"MAIL FROM:<app@{domain}>")
+    assert (code, msg[:5]) == (550, b"5.7.1"), msg
+    r = trusted.api("POST", "/v3/domains", data={"name": domain})
+    assert r.status_code == 200, r.text
+    assert c.docmd(f"MAIL FROM:<app@{domain}>")[0] == 250
+    c.quit()
+
+
+def test_domain_disabled_after_an_accepted_mail_is_refused_at_end_of_data(trusted):
+    # A domain remembered as ours may get MAIL accepted for a few seconds after it is
+    # disabled; the send transaction checks it again, so nothing is queued.
+    domain = f"gone{uuid.uuid4().hex[:8]}.example.test"
+    r = trusted.api("POST", "/v3/domains", data={"name": domain})
+    assert r.status_code == 200, r.text
+    c = client(trusted)
+    assert c.mail(f"app@{domain}")[0] == 250
+    c.rset()
+    StoredView(trusted).execute("UPDATE domain SET is_disabled = ? WHERE name = ?", True, domain)
+    assert c.mail(f"app@{domain}")[0] == 250  # remembered: no store read
+    assert c.rcpt("victim3@remote.test")[0] == 250
+    code, msg = c.data(f"From: app@{domain}\r\nSubject: late\r\n\r\nx\r\n".encode())
+    assert (code, msg[:5]) == (550, b"5.7.1"), msg
+    c.quit()
+    assert store_query(trusted, "select count(*) from queue_item where recipient = ?",
+                       "victim3@remote.test") == [(0,)]

@@ -13,6 +13,7 @@ import base64
 import datetime
 import binascii
 import email.header
+import email.message
 import email.utils
 import mimetypes
 import re
@@ -342,10 +343,63 @@ def compose(*, from_: str, to: list[Addr], cc: list[Addr], subject: str | None, 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 
+# A header line as email's compat32 FeedParser takes it: a non-empty name of printable ASCII
+# but ":", then ":" (its headerRE also takes "From " lines and empty names: see header_items).
+_FIELD_START = re.compile(rb"[!-9;-~]+:")
+
+
+def header_items(block: bytes) -> list[tuple[bytes, bytes]] | None:
+    """The fields of a header block (CRLF lines, without the blank line that ends it) as
+    (name, value) byte pairs, exactly as email's compat32 parser records them: the value is
+    what follows the first ":" without its leading blanks, folded lines kept with their CRLF,
+    the last CRLF dropped.  None when the block has anything that parser treats specially
+    (a line ending other than CRLF, a first line that is a continuation, a "From " envelope
+    line, an empty field name, a line that is not a field, which would end the headers):
+    callers then run the parser itself.  A few microseconds where the parser takes ~50."""
+    if block[-2:] != b"\r\n":
+        return None
+    crlf = block.count(b"\r\n")
+    if block.count(b"\r") != crlf or block.count(b"\n") != crlf:
+        return None
+    out: list[tuple[bytes, bytes]] = []
+    name = b""
+    parts: list[bytes] = []
+    match = _FIELD_START.match
+    for line in block[:-2].split(b"\r\n"):
+        first = line[:1]
+        if first == b" " or first == b"\t":
+            if not name:
+                return None
+            parts.append(line)
+            continue
+        m = match(line)
+        if m is None:
+            return None
+        if name:
+            out.append((name, b"\r\n".join(parts)))
+        end = m.end()
+        name = line[:end - 1]
+        parts = [line[end:].lstrip(b" \t")]
+    if name:
+        out.append((name, b"\r\n".join(parts)))
+    return out
+
+
 def read_headers(raw: bytes):
     """The header part of a raw message as an email.message.Message (the body is not read:
-    the parser would otherwise walk every body line even in headers-only mode)."""
+    the parser would otherwise walk every body line even in headers-only mode).
+
+    An ASCII header block that header_items can split (nearly every message) is turned into
+    the same Message without the parser, which cost a tenth of an SMTP submission's CPU."""
     m = _HEADER_END.search(raw, 0, 1 << 20)
+    if m is not None and m.end() - m.start() == 4:
+        block = raw[:m.start() + 2]
+        items = header_items(block) if block.isascii() else None
+        if items is not None:
+            msg = email.message.Message(policy=policy.compat32)
+            msg._headers = [(n.decode("ascii"), v.decode("ascii")) for n, v in items]
+            msg.set_payload("")
+            return msg
     return BytesHeaderParser(policy=policy.compat32).parsebytes(raw[:m.end()] if m else raw[:1 << 20])
 
 
@@ -353,6 +407,8 @@ def decoded(msg, name: str) -> str:
     value = msg.get(name)
     if value is None:
         return ""
+    if isinstance(value, str) and "=?" not in value:
+        return value.strip()  # no encoded words: what make_header(decode_header()) gives back
     try:
         return str(email.header.make_header(email.header.decode_header(str(value)))).strip()
     except Exception:  # noqa: BLE001 - malformed encoded-words: keep the raw text

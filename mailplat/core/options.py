@@ -239,6 +239,8 @@ def from_headers(raw: bytes, now: float | None = None) -> tuple[Options, dict, b
     options = Options()
     user_variables: dict = {}
     block, rest = split_header_block(raw)
+    if b"x-mailgun-" not in block.lower():  # every name in HEADER_OPTIONS has it
+        return options, user_variables, raw
     kept: list[bytes] = []
     found = False
     for f in header_fields(block):

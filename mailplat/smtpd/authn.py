@@ -73,7 +73,7 @@ class AuthCommands:
         await self.push(b"334 " + b64encode(prompt))
         self._reset_timeout()  # the answer is due within the command deadline too
         line = await self._read_line(AUTH_LINE_LIMIT)
-        self._timeout_handle.cancel()
+        self._pause_timeout()
         return await self._decode_auth(line)
 
     async def _decode_auth(self, data) -> bytes | None:

@@ -80,7 +80,7 @@ def parse(arg: str, keyword: str, *, null_ok: bool, smtputf8_offered: bool,
         path = Path(address="")
         tail = rest[2:]
     else:
-        utf8 = any(ord(c) > 127 for c in rest)
+        utf8 = not rest.isascii()
         if utf8 and not smtputf8_offered:
             raise PathError(bad)
         m = (_PATH_UTF8 if utf8 else _PATH_ASCII).match(rest)
@@ -94,7 +94,7 @@ def parse(arg: str, keyword: str, *, null_ok: bool, smtputf8_offered: bool,
         literal = domain.startswith("[")
         if not literal:
             domain = domain.lower()
-            if any(ord(c) > 127 for c in domain):
+            if not domain.isascii():
                 try:
                     domain = idna.encode(domain, uts46=True).decode("ascii")
                 except idna.IDNAError:
