@@ -92,7 +92,9 @@ _SIMPLE = re.compile(rf"[ \t]*(?:({_ATEXT}(?:[ \t]+{_ATEXT})*)[ \t]*<({_DOT_ATOM
 _NOT_SIMPLE = re.compile(r'["()\\\[\]:;]|=\?')
 
 
-def _simple_addresses(value: str) -> list[Addr] | None:
+def simple_addresses(value: str) -> list[Addr] | None:
+    """The addresses of a plain list (a@b, <a@b>, Name <a@b>, comma-separated; domains
+    lower-cased), or None when the value needs the full address parser."""
     if _NOT_SIMPLE.search(value):
         return None
     out = []
@@ -120,7 +122,7 @@ def parse_addresses(values, field: str) -> list[Addr]:
         check_header_value(field, value)
         if not value.strip():
             continue
-        simple = _simple_addresses(value)
+        simple = simple_addresses(value)
         if simple is not None:
             out.extend(simple)
             continue

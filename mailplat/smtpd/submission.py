@@ -54,7 +54,7 @@ def from_domains(raw: bytes) -> list[str]:
         values = [str(v) for v in msg.get_all("From", [])]
     domains = []
     for value in values:  # the plain shapes (a@b, <a@b>, Name <a@b>) without email.utils
-        simple = compose._simple_addresses(value) if all(p.strip() for p in value.split(",")) else None
+        simple = compose.simple_addresses(value) if all(p.strip() for p in value.split(",")) else None
         if simple is None:
             break
         domains.extend(a.address.rpartition("@")[2] for a in simple)
