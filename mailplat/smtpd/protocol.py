@@ -198,6 +198,12 @@ class Session(AuthCommands, SMTP):
         if not self.shared.sessions:
             self.shared.idle.set()
         super().connection_lost(error)
+        # asyncio keeps a peer's reset or broken pipe in the stream's "closed" future, which
+        # nothing awaits: mark it seen, or a session still referenced when the process exits
+        # logs it as "Future exception was never retrieved".
+        closed = getattr(self, "_closed", None)
+        if closed is not None and closed.done() and not closed.cancelled():
+            closed.exception()
 
     def eof_received(self):
         # Let the command loop see EOF (it finishes the current reply) instead of cancelling it.
