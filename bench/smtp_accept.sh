@@ -15,8 +15,8 @@
 #
 # Usage: bench/smtp_accept.sh [messages-per-run]      (needs: apt-get install postfix)
 # Each figure is the best of REPEAT (default 3) alternating runs.
-# mailplat runs with smtp.processes = SMTP_PROCESSES (default: the number of cores), as Postfix
-# runs an smtpd process per session: the submission port is served by that many processes.
+# mailplat runs with smtp.processes = SMTP_PROCESSES (default 1, the config default); with 2 the
+# submission port is served by two processes (Postfix runs an smtpd process per session).
 # Env: SIZES="1024 10240 102400" SESSIONS="10 50" PATHS="mx submission" SKIP_POSTFIX=1
 #      MAILPLAT_SERVICES="api smtpd" SPLIT=1 KEEP=1 (keep the work directory and processes)
 #      PY=python with mailplat's dependencies (default .venv/bin/python)
@@ -28,7 +28,7 @@ N=${1:-2000}
 SIZES=${SIZES:-"1024 10240 102400"}
 SESSIONS=${SESSIONS:-"10 50"}
 PATHS=${PATHS:-"mx submission"}
-SMTP_PROCESSES=${SMTP_PROCESSES:-$(nproc)}
+SMTP_PROCESSES=${SMTP_PROCESSES:-1}
 WORK=$(mktemp -d /tmp/smtp-bench.XXXXXX)
 MP_DIR="$WORK/mailplat"
 PF_DIR="$WORK/postfix"
