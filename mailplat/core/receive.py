@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable
 
-from .. import logs
+from .. import logs, triggers
 from ..errors import ForbiddenError, InputError, NotFound, TooLarge
 from ..store import blobs
 from ..store.db import insert_rows, run_cached
@@ -217,6 +217,7 @@ async def accept(ctx, mail_from: str, rcpt_tos: list[str], raw: bytes, peer: str
     job_id = await ctx.store.write(write)
     if _wake is not None:
         _wake.set()
+    triggers.poke(ctx.config.data_dir, "inbound")  # inbound workers in other processes
     return f"in-{job_id}"
 
 
@@ -486,17 +487,23 @@ def wake() -> None:
 
 
 async def run_inbound_worker(ctx, stopping: asyncio.Event) -> None:
-    """Files inbound jobs until `stopping` is set; woken at once by accept() in this process,
-    otherwise polling every POLL_SECONDS (jobs committed by other processes)."""
+    """Files inbound jobs until `stopping` is set; woken at once by accept() in this process
+    or, through mailplat.triggers, in another process of this host; else polling every
+    POLL_SECONDS (jobs committed on other hosts)."""
     global _wake
     _wake = asyncio.Event()
+    trigger = triggers.listen(ctx.config.data_dir, "inbound", _wake.set)
     log.info("inbound worker started", extra={"fields": {"pid": os.getpid(), "host": socket.gethostname()}})
     # Under load, wake-ups come with every accepted message: passes at most every
     # MIN_PASS_SECONDS gather them into fuller delivery transactions (each pass has a fixed
     # cost of a dozen statements), at the price of that much delivery latency.
-    await worker.poll_loop("inbound delivery", stopping, _wake, lambda: deliver_due(ctx),
-                           POLL_SECONDS, MIN_PASS_SECONDS)
-    _wake = None
+    try:
+        await worker.poll_loop("inbound delivery", stopping, _wake, lambda: deliver_due(ctx),
+                               POLL_SECONDS, MIN_PASS_SECONDS)
+    finally:
+        if trigger is not None:
+            trigger.close()
+        _wake = None
 
 
 from . import routejobs as _routejobs  # noqa: E402,F401 - routes, lists and spam register their hooks

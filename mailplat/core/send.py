@@ -6,7 +6,8 @@ addresses and header values, composes MIME (or takes the given MIME byte for byt
 Message-Id and Date when missing), drops suppressed recipients (a `failed` event, reason
 `suppress-bounce`), and in ONE store transaction stores the body (content-addressed blob), the
 Message row, one QueueItem per recipient and an `accepted` event per recipient.  It returns only
-after that commit, so the caller may then answer 200 / 250.  The relay takes it from the queue.
+after that commit, so the caller may then answer 200 / 250.  The relay takes it from the queue
+(relays in other processes of this host are poked: mailplat.triggers).
 `release_bodies_sync` lets go of sent bodies past [database] keep_sent_bodies_days.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 
 from peewee import fn
 
+from .. import triggers
 from ..errors import ForbiddenError, InputError, NotFound, TooLarge
 from ..store import blobs, queue
 from ..store.db import insert_rows, run_cached
@@ -378,6 +380,8 @@ async def submit(ctx, req: SendRequest, principal=None) -> SendResult:
                                                         job.recipient_variables)
         job.probes = ()
         await ctx.store.write_merged(_store_many, job)
+    if next_attempt_at <= now:
+        triggers.poke(ctx.config.data_dir, "queue")  # relays in other processes of this host
     return SendResult(message_id=prep.message_id)
 
 

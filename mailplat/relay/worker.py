@@ -12,8 +12,9 @@ Outcomes are written by relay.outcome in the same transaction as the queue updat
 in batches (those that finish while the previous batch is being written go in the next).
 Test-mode messages are marked delivered without any network I/O.
 
-Wake-ups: in-process wakers and PostgreSQL LISTEN (store.queue), else polling with a short
-back-off, never later than the next due row.  Time comes from `ctx.clock`; when the
+Wake-ups: in-process wakers, pokes from this host's other processes (mailplat.triggers, topic
+"queue") and PostgreSQL LISTEN (store.queue); polling with a short back-off, never later than
+the next due row, is the backstop.  Time comes from `ctx.clock`; when the
 environment variable MAILPLAT_TEST_CLOCK_FILE is set (TESTS ONLY) the relay's clock is
 time.time() plus the number of seconds written in that file, so a test can move it forward.
 """
@@ -28,7 +29,7 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
-from .. import logs
+from .. import logs, triggers
 from ..core import render, tracking, verp
 from ..core.domains import dkim_signing_key_sync
 from ..mailauth import dkim as dkimsign
@@ -150,6 +151,7 @@ class Worker:
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.listener: queue.Listener | None = None
+        self.trigger: triggers.Listener | None = None
         self.dispatcher: asyncio.Task | None = None
         self.renewer: asyncio.Task | None = None
         self.delivered = 0
@@ -164,6 +166,7 @@ class Worker:
         if released:
             logs.event(log, "leases of a dead relay process released", rows=released)
         queue.add_waker(self._wake_threadsafe)
+        self.trigger = triggers.listen(self.ctx.config.data_dir, "queue", self.wake.set)
         if self.ctx.store.is_postgres:
             self.listener = queue.Listener(self.ctx.store.url, self._wake_threadsafe)
             self.listener.start()
@@ -176,6 +179,8 @@ class Worker:
         self.stopping = True
         self.wake.set()
         queue.remove_waker(self._wake_threadsafe)
+        if self.trigger is not None:
+            self.trigger.close()
         if self.listener:
             await asyncio.to_thread(self.listener.stop)
         if self.dispatcher:
