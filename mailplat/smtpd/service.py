@@ -10,8 +10,7 @@ With `smtp.processes` = N > 1 the submission listeners are bound with SO_REUSEPO
 further processes (mailplat.procs) bind the same ports and serve them too, each with its own
 interpreter and store writer: the kernel spreads new connections between the processes, and
 a submission is CPU work under one interpreter lock per process.  The MX listener stays in
-this process (inbound mail is filed by the mailaccess service, which this process wakes at
-once; other processes' commits are found by polling).
+this process (accepting inbound mail is one row per message: one process keeps up).
 """
 from __future__ import annotations
 
