@@ -365,9 +365,10 @@ def insert_rows(model, rows: list[dict], *, ignore_conflicts: bool = False, retu
                 refresh: str | None = None):
     """INSERT `rows` (dicts with the same keys; missing fields get their defaults) in one
     statement, inside the caller's transaction.  Returns the new rows' ids in the order of
-    `rows` when `returning_ids` (RETURNING, on SQLite 3.35 and later too), else None.  With `ignore_conflicts`, a row whose primary key
-    exists is left as it is, except that on PostgreSQL its `refresh` column (if given) takes
-    the new value (store.blobs: this locks the row against a concurrent garbage collection)."""
+    `rows` when `returning_ids` (RETURNING, on SQLite 3.35 and later too), else None.  With
+    `ignore_conflicts`, a row whose primary key exists is left as it is, except that on
+    PostgreSQL its `refresh` column (if given) takes the new value (store.blobs: this locks
+    the row against a concurrent garbage collection)."""
     meta = model._meta
     db = meta.database
     names = tuple(rows[0])
