@@ -96,7 +96,7 @@ def test_environment_overrides(tmp_path):
 def test_every_problem_reported_at_once(tmp_path):
     raw = {
         "api": {"port": 70000, "domains_rate_limit_per_minute": 0},
-        "smtp": {"max_recipients": "lots", "max_message_bytes": 10},
+        "smtp": {"max_recipients": "lots", "max_message_bytes": 10, "processes": 0},
         "server": {"dev_mode": "maybe", "hostname": "has space"},
         "database": {"url": "mysql://x"},
         "log": {"level": "LOUD", "format": "xml"},
@@ -108,7 +108,7 @@ def test_every_problem_reported_at_once(tmp_path):
         configmod.from_raw(raw, tmp_path)
     keys = {k for k, _ in info.value.problems}
     assert {"api.port", "api.domains_rate_limit_per_minute", "smtp.max_recipients",
-            "smtp.max_message_bytes", "server.dev_mode", "server.hostname", "database.url",
+            "smtp.max_message_bytes", "smtp.processes", "server.dev_mode", "server.hostname", "database.url",
             "log.level", "log.format", "tls", "tls.cert", "relay.retry_schedule",
             "relay.nonsense", "bogus"} <= keys
     reasons = dict(info.value.problems)
