@@ -15,6 +15,7 @@ from pathlib import Path
 from . import config as configmod
 from . import logs
 from .store import repair
+from .store.db import StoreUnsupported
 
 SERVICE_NAMES = ["api", "smtpd", "relay", "mailaccess", "hooks"]
 PORT_FLAGS = {
@@ -396,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args) or 0
-    except repair.StoreDamaged as exc:
+    except (repair.StoreDamaged, StoreUnsupported) as exc:
         _die(str(exc))
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import queue
+import sqlite3
 from collections import deque
 import threading
 import time
@@ -48,14 +49,22 @@ MAX_GROUP = 512
 BACKGROUND_PER_GROUP = 2  # background jobs joined to a group that has foreground jobs
 CHECKPOINT_SECONDS = 1.0
 MIGRATION_LOCK_ID = 0x6D61696C706C6174  # 'mailplat'
+MIN_SQLITE = (3, 35)
 
 IntegrityError = peewee.IntegrityError
 DoesNotExist = peewee.DoesNotExist
 
 
+class StoreUnsupported(Exception):
+    """The database cannot hold mailplat's store (too old a SQLite)."""
+
+
 def make_database(url: str) -> peewee.Database:
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
+        if sqlite3.sqlite_version_info < MIN_SQLITE:  # RETURNING (3.35), FTS5 trigram (3.34)
+            raise StoreUnsupported(f"mailplat needs SQLite {'.'.join(map(str, MIN_SQLITE))} or later; "
+                               f"this Python has {sqlite3.sqlite_version}")
         path = url[len("sqlite:///"):]
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
