@@ -339,3 +339,9 @@ def test_background_writes_yield_to_foreground(db_url):
     # The blocker's group and the foreground job's group may each carry a share of them.
     assert order.index("fg") <= 2 * BACKGROUND_PER_GROUP
     assert sorted(order) == sorted(["fg"] + [f"b{i}" for i in range(20)])
+
+
+def test_too_old_sqlite_is_refused_with_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(storedb, "MIN_SQLITE", (sqlite3.sqlite_version_info[0] + 1, 0))
+    with pytest.raises(storedb.StoreUnsupported, match=r"needs SQLite \d+\.0 or later; this Python has "):
+        storedb.make_database(f"sqlite:///{tmp_path / 'old.db'}")
