@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -255,6 +256,9 @@ def main() -> int:
     if args.sink == "smtp-sink" and not shutil.which("smtp-sink"):
         print("smtp-sink missing (apt-get install postfix); falling back to --sink py", file=sys.stderr)
         args.sink = "py"
+    # A SIGTERM (timeout, kill) runs the clean-up below too: the private Postfix and the sink
+    # are stopped instead of being left running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="relay-bench."))
     os.chmod(work, 0o755)  # Postfix's own user must reach its data directory inside
     sink_port = free_port()
