@@ -10,31 +10,21 @@ import contextlib
 import os
 import signal
 import smtplib
-import uuid
 
 import pytest
 
-from tests.conftest import PG_BASE
-from tests.support import pg_database, spawned_children, start_server, wait_for
+from tests.support import spawned_children, wait_for
 from tests.test_domains_api import store_query
 from tests.test_smtp_submission import queued_id
+from tests.test_smtp_trusted import smtpd_with_domain
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture
 def two(tmp_path):
-    with contextlib.ExitStack() as stack:
-        url = stack.enter_context(pg_database(PG_BASE)) if os.environ.get("MAILPLAT_TEST_PG_SERVER") and PG_BASE else None
-        srv = start_server(tmp_path / "data", db_url=url, services=["api", "smtpd"],
-                           sets=["smtp.processes=2", "smtp.trusted_networks=127.0.0.0/8"])
-        try:
-            srv.domain = f"p{uuid.uuid4().hex[:8]}.example.test"
-            r = srv.api("POST", "/v3/domains", data={"name": srv.domain})
-            assert r.status_code == 200, r.text
-            yield srv
-        finally:
-            srv.stop()
+    with smtpd_with_domain(tmp_path / "data", "p", ["smtp.processes=2", "smtp.trusted_networks=127.0.0.0/8"]) as srv:
+        yield srv
 
 
 def _listeners(port: int) -> int:

@@ -24,13 +24,20 @@ TRUSTED_IP = "127.0.0.2"
 
 @pytest.fixture(scope="module")
 def trusted(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("smtptrusted")
+    with smtpd_with_domain(tmp_path_factory.mktemp("smtptrusted"), "trust",
+                           [f"smtp.trusted_networks={TRUSTED_IP}/32"]) as srv:
+        yield srv
+
+
+@contextlib.contextmanager
+def smtpd_with_domain(data_dir, prefix: str, sets: list[str]):
+    """`serve api smtpd` (on PostgreSQL when MAILPLAT_TEST_PG_SERVER is set) with one sending
+    domain created, as `srv.domain`; stopped afterwards."""
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(pg_database(PG_BASE)) if os.environ.get("MAILPLAT_TEST_PG_SERVER") and PG_BASE else None
-        srv = start_server(data_dir, db_url=url, sets=[f"smtp.trusted_networks={TRUSTED_IP}/32"],
-                           services=["api", "smtpd"])
+        srv = start_server(data_dir, db_url=url, sets=sets, services=["api", "smtpd"])
         try:
-            srv.domain = f"trust{uuid.uuid4().hex[:8]}.example.test"
+            srv.domain = f"{prefix}{uuid.uuid4().hex[:8]}.example.test"
             r = srv.api("POST", "/v3/domains", data={"name": srv.domain})
             assert r.status_code == 200, r.text
             yield srv
