@@ -1,5 +1,5 @@
 """Wake-ups between the processes of one host (mailplat.triggers), over real Unix sockets: a
-poke reaches a listener in another process and not the poker's own, a dead process's socket is
+poke reaches a listener of its topic in another process, a dead process's socket is
 removed, and in a split deployment (services as separate `serve` processes, as the systemd
 units run them) a message sent through the API wakes the relay process, and mail taken by the
 MX wakes the mailaccess process that files it."""
@@ -25,30 +25,35 @@ LISTENER = """
 import asyncio, sys
 from mailplat import triggers
 async def main():
-    woken = asyncio.Event()
-    listener = triggers.listen(sys.argv[1], "queue", woken.set)
+    done = asyncio.Event()
+    listeners = [triggers.listen(sys.argv[1], topic, lambda topic=topic: print(topic, flush=True))
+                 for topic in ("queue", "inbound")]
+    listeners.append(triggers.listen(sys.argv[1], "done", lambda: (print("done", flush=True), done.set())))
     print("listening", flush=True)
-    await woken.wait()
-    listener.close()
-    print("woken", flush=True)
+    await done.wait()
+    for listener in listeners:
+        listener.close()
 asyncio.run(main())
 """
 
 
 def test_poke_wakes_another_process_and_clears_dead_sockets(tmp_path):
+    """Each poke wakes the other process's listener of its own topic and no other one."""
     child = subprocess.Popen([sys.executable, "-c", LISTENER, str(tmp_path)], cwd=ROOT,
                              stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "listening"
-        [path] = list(triggers.run_dir(tmp_path).iterdir())
-        assert path.name.startswith(f"queue.{child.pid}.")
-        triggers.poke(tmp_path, "inbound")  # another topic: not for it
-        triggers.poke(tmp_path, "queue")
-        assert child.stdout.readline().strip() == "woken"
+        names = sorted(p.name.split(".")[:2] for p in triggers.run_dir(tmp_path).iterdir())
+        assert names == [[t, str(child.pid)] for t in ("done", "inbound", "queue")]
+        triggers.poke(tmp_path, "inbound")
+        assert child.stdout.readline().strip() == "inbound"
+        triggers.poke(tmp_path, "done")
         assert child.wait(30) == 0
+        # Its queue listener was never woken: neither poke was for it.
+        assert child.stdout.read() == "done\n"
     finally:
         child.kill()
-    assert not list(triggers.run_dir(tmp_path).iterdir())  # it removed its socket on close
+    assert not list(triggers.run_dir(tmp_path).iterdir())  # it removed its sockets on close
 
     # A socket left by a process that died without closing it goes at the next poke.
     dead = subprocess.run([sys.executable, "-c", "import socket, sys; socket.socket(socket.AF_UNIX, "
