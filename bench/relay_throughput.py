@@ -11,6 +11,10 @@ starts and is timed until every queue row is delivered.  The rate is N over the 
 first to the last delivery (queue updated_at), and also over the wall time from relay start.
 Postfix: messages are injected with smtp-source while its queue manager is disabled (they wait
 in the incoming queue), then qmgr is enabled (postfix reload); timed until the queue is empty.
+Its rate is N over the time from its first delivery (the queue first holding fewer than N files,
+polled every 10 ms) to the empty queue, and also over the wall time from the reload.  The ratio
+printed first compares the first-to-last rates; the wall ratio follows (mailplat's wall time
+includes starting a Python process, Postfix's a reload).
 
 Usage: .venv/bin/python bench/relay_throughput.py [N] [--size BYTES] [--no-postfix] [--sink py]
        [--processes P] [--no-dkim]
@@ -43,12 +47,12 @@ from tests.dnsserver import DnsServer  # noqa: E402
 from tests.smtpsink import SmtpSink, free_port  # noqa: E402
 
 
-def wait(pred, timeout, what):
+def wait(pred, timeout, what, interval=0.05):
     end = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > end:
             raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(interval)
 
 
 def proc_cpu(pid: int) -> tuple[float, float]:
@@ -151,7 +155,7 @@ def mailplat_run(work: Path, n: int, size: int, sink_port: int, dns: DnsServer, 
     db = sqlite3.connect(str(data / "mailplat.db"))
     t0 = time.time()
     # RELAY_PROFILE=out.txt: sample the relay process with py-spy (on PATH or in .venv), all threads.
-    profile = ([shutil.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy"), "record", "-f", "raw", "-r", "200", "-o",
+    profile = ([shutil.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy"), "record", "-f", "raw", "-r", "200", "--nonblocking", "--threads", "-o",
                 os.environ["RELAY_PROFILE"], "--"] if os.environ.get("RELAY_PROFILE") else [])
     relay = subprocess.Popen([*profile, PY, "-m", "mailplat.cli", "serve", "--data-dir", str(data), "relay"],
                              cwd=ROOT, stdout=open(work / "relay.log", "wb"), stderr=subprocess.STDOUT)
@@ -209,6 +213,9 @@ default_process_limit = 200
 maillog_file_prefixes = {pf}
 maillog_file = {pf}/maillog
 master_service_disable = qmgr.unix
+# Injection happens while the queue manager is off, so nothing leaves: without this, Postfix's
+# arrival flow control pauses each message 1 s (the untimed injection then takes minutes).
+in_flow_delay = 0
 """)
     cfg = ["-c", str(pf / "etc")]
     subprocess.run(["postfix", *cfg, "check"], check=True)
@@ -237,11 +244,15 @@ master_service_disable = qmgr.unix
         # Everything sits in the incoming queue (no queue manager yet); start it and time.
         subprocess.run(["postconf", *cfg, "-e", "master_service_disable="], check=True)
         subprocess.run(["postfix", *cfg, "reload"], check=True, capture_output=True)
+        # Postfix logs to the second only: its first delivery is taken as the moment the queue
+        # first holds fewer than n files (polled every 10 ms), for a figure like mailplat's.
+        wait(lambda: queued() < n, 600, "postfix's first delivery", interval=0.01)
+        t1 = time.time()
         wait(lambda: queued() == 0, 1800, "postfix to relay everything")
-        wall = time.time() - t0
+        t2 = time.time()
     finally:
         subprocess.run(["postfix", *cfg, "stop"], capture_output=True)
-    return {"wall_s": wall, "rate_wall": n / wall}
+    return {"wall_s": t2 - t0, "rate_wall": n / (t2 - t0), "rate_active": n / (t2 - t1)}
 
 
 def main() -> int:
@@ -275,9 +286,11 @@ def main() -> int:
               f"states {mp['states']}")
         if not args.no_postfix and shutil.which("postfix"):
             pf = postfix_run(work, args.n, args.size, sink_port)
-            print(f"postfix relay, no DKIM, {args.n} msgs to {args.sink}: {pf['rate_wall']:.0f} msgs/s "
+            print(f"postfix relay, no DKIM, {args.n} msgs to {args.sink}: {pf['rate_active']:.0f} msgs/s "
+                  f"(first to last delivery), {pf['rate_wall']:.0f} msgs/s wall from queue manager start "
                   f"({pf['wall_s']:.1f} s)")
-            print(f"ratio mailplat/postfix: {mp['rate_active'] / pf['rate_wall']:.2f}x")
+            print(f"ratio mailplat/postfix: {mp['rate_active'] / pf['rate_active']:.2f}x first to last delivery, "
+                  f"{mp['rate_wall'] / pf['rate_wall']:.2f}x wall (mailplat's includes starting Python)")
     finally:
         dns.stop()
         stop_sink(sink)

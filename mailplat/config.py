@@ -112,6 +112,12 @@ class RelayConfig:
     # Relay processes `serve relay` runs (workers and per_destination are divided between them).
     processes: int = 1
     lease_seconds: float = 300.0
+    # Seconds a connection with nothing more to send stays open for the next message to its
+    # destination (a connection cache, like Postfix's 2 s); 0 closes it at once.
+    idle_seconds: float = 2.0
+    # DKIM signing helper processes per relay process (relay.signer); 0 signs in the relay's
+    # own threads.
+    signing_processes: int = 1
     max_lifetime_seconds: float = 5 * 86400.0
     # Seconds between attempts; the last figure repeats until the lifetime runs out.
     retry_schedule: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0)
@@ -305,6 +311,10 @@ def _validate(cfg: Config, problems: list) -> None:
         problems.append(("database.url", "must start with sqlite:/// or postgresql://"))
     if cfg.relay.per_destination < 1 or cfg.relay.workers < 1:
         problems.append(("relay.workers", "workers and per_destination must be at least 1"))
+    if cfg.relay.signing_processes < 0:
+        problems.append(("relay.signing_processes", "must be 0 (sign in the relay) or more processes"))
+    if cfg.relay.idle_seconds < 0:
+        problems.append(("relay.idle_seconds", "must be 0 (close at once) or more seconds"))
     if cfg.smtp.processes < 1:
         problems.append(("smtp.processes", "must be at least 1"))
     if cfg.relay.processes < 1:

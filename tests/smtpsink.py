@@ -11,6 +11,8 @@ connection carried it) and answers as scripted:
     sink.stall_data()  /  sink.unstall()              # hold DATA replies until released
     SmtpSink(tls_context=ctx, starttls_injection=b"250 fake\r\n")  # STARTTLS injection attack
     sink.wait_count(3)                                # wait until 3 messages were accepted
+    SmtpSink(idle_timeout=0.5)                        # close a connection idle that long (421)
+    sink.connections / sink.closed                    # sessions opened / ended so far
 """
 from __future__ import annotations
 
@@ -78,7 +80,21 @@ class _Handler:
         return "221 Bye"
 
 
-class _InjectingSMTP(SMTP):
+class _CountingSMTP(SMTP):
+    """Counts sessions opened and ended on the sink (event_handler is its _Handler)."""
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        with self.event_handler.sink.lock:
+            self.event_handler.sink.connections += 1
+
+    def connection_lost(self, error):
+        super().connection_lost(error)
+        with self.event_handler.sink.lock:
+            self.event_handler.sink.closed += 1
+
+
+class _InjectingSMTP(_CountingSMTP):
     """Sends `injection` as plaintext right behind '220 Ready to start TLS' (the STARTTLS
     response-injection attack a client must defeat by discarding its buffer)."""
     injection = b""
@@ -97,7 +113,7 @@ class _Controller(Controller):
 
     def factory(self):
         if not self.injection:
-            return super().factory()
+            return _CountingSMTP(self.handler, **self.SMTP_kwargs)
         server = _InjectingSMTP(self.handler, **self.SMTP_kwargs)
         server.injection = self.injection
         return server
@@ -105,8 +121,11 @@ class _Controller(Controller):
 
 class SmtpSink:
     def __init__(self, tls_context=None, hostname: str = "mx.sink.test", port: int | None = None,
-                 host: str = "127.0.0.1", starttls_injection: bytes = b""):
+                 host: str = "127.0.0.1", starttls_injection: bytes = b"", idle_timeout: float = 300):
         self.host = host
+        self.idle_timeout = idle_timeout
+        self.connections = 0  # sessions that reached the greeting
+        self.closed = 0       # sessions that ended, whoever ended them
         self.starttls_injection = starttls_injection
         self.port = port or free_port()
         self.tls_context = tls_context
@@ -130,8 +149,14 @@ class SmtpSink:
         self.controller = _Controller(_Handler(self), hostname=self.host, port=self.port,
                                       injection=self.starttls_injection,
                                      server_hostname=self.hostname, ready_timeout=10,
-                                     data_size_limit=60 * 1024 * 1024, **kwargs)
+                                     data_size_limit=60 * 1024 * 1024, timeout=self.idle_timeout,
+                                     **kwargs)
         self.controller.start()
+        # The controller's own readiness probe connected once: not a session to count.
+        from tests.support import wait_for
+        wait_for(lambda: self.closed >= self.connections, timeout=10, what="the readiness probe to end")
+        with self.lock:
+            self.connections = self.closed = 0
         return self
 
     def stop(self) -> None:

@@ -31,9 +31,9 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str
         time.sleep(interval)
 
 
-def spawned_children(pid: int) -> list[int]:
-    """Live processes started by `pid` through multiprocessing's spawn (relay.processes,
-    smtp.processes)."""
+def spawned_children(pid: int, marker: bytes = b"spawn_main") -> list[int]:
+    """Live processes started by `pid` whose command line holds `marker`: by default those
+    multiprocessing spawned (relay.processes, smtp.processes)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -44,7 +44,7 @@ def spawned_children(pid: int) -> list[int]:
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid and fields[0] != "Z" and b"spawn_main" in cmdline:
+        if int(fields[1]) == pid and fields[0] != "Z" and marker in cmdline:
             found.append(int(entry))
     return found
 

@@ -1,6 +1,6 @@
 """relay.processes = 2: `serve relay` runs a second relay process on the same store; both deliver,
 each message exactly once, the connection limits are divided between them, a process killed
-with -9 is started again, and none outlives the service."""
+with -9 is started again, and none (nor their DKIM signing helpers) outlives the service."""
 from __future__ import annotations
 
 import collections
@@ -57,7 +57,13 @@ def test_two_relay_processes_share_the_queue_and_restart(tmp_path, dns_server, d
         per_rcpt = collections.Counter(r for m in sink.messages for r in m.rcpt_tos)
         assert per_rcpt == {r: 1 for r in rcpts}  # nothing was in flight at the kill: no duplicate
         children = relay_children(server.proc.pid)
+        # Each relay process has its DKIM signing helper (relay.signing_processes = 1); the
+        # new second process may still be starting.
+        def helpers_now():
+            found = [h for pid in [server.proc.pid, *children] for h in relay_children(pid, b"mailplat.relay.signer")]
+            return found if len(found) == 2 else None
+        helpers = wait_for(helpers_now, timeout=30, what="a DKIM signing helper in each relay process")
     finally:
         assert server.stop() == 0
         sink.stop()
-    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
+    assert not [pid for pid in children + helpers if Path(f"/proc/{pid}").exists()]

@@ -108,6 +108,13 @@ def _set_text(part, text: str) -> None:
     part.set_payload(body)
 
 
+def verbatim(message: Message, raw: bytes, tracking=None) -> bool:
+    """Whether for_recipient() returns `raw` unchanged: no batch variables, nothing to track or
+    fill in (a cheap test; the relay renders only the other copies in a thread)."""
+    return not message.recipient_variables and (
+        tracking is None or (not tracking.active and not _UNSUB_PLACEHOLDER.search(raw)))
+
+
 def for_recipient(message: Message, raw: bytes, recipient: str, extra: dict | None = None,
                   tracking=None) -> bytes:
     """The bytes to send to `recipient`: byte for byte unless the message is a batch message
@@ -116,9 +123,9 @@ def for_recipient(message: Message, raw: bytes, recipient: str, extra: dict | No
     `extra` gives values for Mailgun placeholders (unsubscribe_url, ...); missing ones drop.
     `tracking` (a core.tracking.Plan) adds footers, fills the unsubscribe URLs, rewrites links
     and adds the open pixel (HTML parts only)."""
-    rv = message.recipient_variables
-    if not rv and (tracking is None or (not tracking.active and not _UNSUB_PLACEHOLDER.search(raw))):
+    if verbatim(message, raw, tracking):
         return raw
+    rv = message.recipient_variables
     vars_ = (rv or {}).get(recipient)
     if vars_ is None:
         vars_ = (rv or {}).get(recipient.lower())

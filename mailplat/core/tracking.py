@@ -15,13 +15,14 @@ unsubscribe row.  The api service serves the hits (api/views/tracking.py).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import html
 import json
 import os
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -101,7 +102,14 @@ class Plan:
     clicks: str = "no"             # yes | htmlonly | no
     html_footer: str = ""
     text_footer: str = ""
-    values: dict = field(default_factory=dict)
+    tags: tuple = ()
+
+    @functools.cached_property
+    def values(self) -> dict:
+        """The unsubscribe URLs placeholders may ask for, made when first needed (a copy sent as
+        stored never asks: most of the relay's copies)."""
+        return {"unsubscribe_url": self.link("u", ["*"]),
+                "tag_unsubscribe_url": self.link("u", list(self.tags) or ["*"])}
 
     @property
     def active(self) -> bool:
@@ -174,12 +182,11 @@ def plan_sync(message: Message, recipient: str, domain: Domain | None) -> Plan |
     if overall is False and opts.get("tracking_opens") is None:
         opens = False
     base = f"{domain.web_scheme or 'http'}://{domain.web_prefix or 'email'}.{domain.name}"
-    plan = Plan(base=base, message_id=message.id, recipient=recipient, opens=opens, clicks=clicks)
+    plan = Plan(base=base, message_id=message.id, recipient=recipient, opens=opens, clicks=clicks,
+                tags=tuple(message.tags or ()))
     if domain.tracking_unsubscribe and overall is not False:
         plan.html_footer = domain.unsubscribe_html_footer or ""
         plan.text_footer = domain.unsubscribe_text_footer or ""
-    plan.values = {"unsubscribe_url": plan.link("u", ["*"]),
-                   "tag_unsubscribe_url": plan.link("u", list(message.tags or []) or ["*"])}
     return plan
 
 

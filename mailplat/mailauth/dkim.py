@@ -37,6 +37,9 @@ _BARE_CR = re.compile(rb"\r(?!\n)")
 
 def normalize_crlf(raw: bytes) -> bytes:
     """Every line ending as CRLF (bare LF and bare CR both become CRLF)."""
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\n") == crlf and raw.count(b"\r") == crlf:
+        return raw  # already so (nearly every message): three counts cost less than the regexes
     return _BARE_LF.sub(b"\r\n", _BARE_CR.sub(b"\r\n", raw))
 
 
@@ -92,11 +95,14 @@ def _parse_pem_cached(pem: bytes) -> dict:
 dkim.parse_pem_private_key = _parse_pem_cached  # the name dkim.DKIM.sign calls
 
 
-def sign(raw: bytes, domain: str, selector: str, private_key_pem: str | bytes) -> bytes:
-    """Return the message with a DKIM-Signature header prepended (line endings CRLF)."""
+def canonical_lines(raw: bytes) -> bytes:
+    """The message as it is signed and sent: CRLF line endings, ending with CRLF."""
     message = normalize_crlf(raw)
-    if not message.endswith(b"\r\n"):
-        message += b"\r\n"
+    return message if message.endswith(b"\r\n") else message + b"\r\n"
+
+
+def signature_header(message: bytes, domain: str, selector: str, private_key_pem: str | bytes) -> bytes:
+    """The DKIM-Signature header line(s) for `message`, which must be canonical_lines() output."""
     pem = private_key_pem.encode("ascii") if isinstance(private_key_pem, str) else private_key_pem
     try:
         _load_key(pem)
@@ -107,8 +113,13 @@ def sign(raw: bytes, domain: str, selector: str, private_key_pem: str | bytes) -
                if name.lower() in signer.should_sign or name.lower() in OVERSIGNED]
     include = present + [h for h in OVERSIGNED if h not in signer.should_not_sign]
     try:
-        header = signer.sign(selector.encode("ascii"), domain.encode("ascii"), pem,
-                             canonicalize=CANONICALIZE, include_headers=include, length=False)
+        return signer.sign(selector.encode("ascii"), domain.encode("ascii"), pem,
+                           canonicalize=CANONICALIZE, include_headers=include, length=False)
     except dkim.DKIMException as exc:
         raise SigningError(str(exc)) from exc
-    return header + message
+
+
+def sign(raw: bytes, domain: str, selector: str, private_key_pem: str | bytes) -> bytes:
+    """Return the message with a DKIM-Signature header prepended (line endings CRLF)."""
+    message = canonical_lines(raw)
+    return signature_header(message, domain, selector, private_key_pem) + message

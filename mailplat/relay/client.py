@@ -41,6 +41,16 @@ def _path(address: str) -> str:
     return f"<{address}>" if _PLAIN_ADDRESS.match(address) else quote_address(address)
 
 
+def _data_payload(data: bytes) -> bytes:
+    """DATA content from a message whose line endings are all CRLF: lines that start with "."
+    get another (RFC 5321 4.5.2), then the ending line."""
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    if data.startswith(b"."):
+        data = b"." + data
+    return data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+
 class DeliveryError(Exception):
     """An attempt that did not end in 2xx.  `code` is the remote reply code (or ours: 451 for
     connection trouble, 550/556 for DNS verdicts); `stage` says where it happened."""
@@ -87,7 +97,14 @@ class Session:
         self.sent = 0
         self.timeout = smtp.timeout  # relay.command_timeout
 
+    @property
+    def open(self) -> bool:
+        """Fit for another transaction: no failure made it unusable and the remote has not
+        closed it (an idle connection the remote timed out)."""
+        return self.usable and self.smtp.is_connected
+
     async def send(self, sender: str, recipient: str, data: bytes) -> Accepted:
+        """One transaction; `data` has CRLF line endings only (mailauth.dkim.normalize_crlf)."""
         started = time.monotonic()
         stage = "mail"
         encoding, mail_options = "ascii", ()
@@ -116,7 +133,17 @@ class Session:
                     raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, recipient)
                 stage = "data"
                 deadline.reschedule(loop.time() + self.timeout)
-                reply = await self.smtp.data(data, timeout=None)
+                reply = await self.smtp.execute_command(b"DATA", timeout=None)
+                if reply.code != 354:
+                    raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+                deadline.reschedule(loop.time() + self.timeout)
+                # The content goes straight to the protocol: aiosmtplib's data() would run two
+                # regular expressions over it to do what _data_payload does with str methods.
+                # No await between the write and read_response: no reply can be missed.
+                self.smtp.protocol.write(_data_payload(data))
+                reply = await self.smtp.protocol.read_response(timeout=None)
+                if reply.code != 250:
+                    raise aiosmtplib.SMTPDataError(reply.code, reply.message)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError,
                 asyncio.TimeoutError) as exc:
             self.usable = False

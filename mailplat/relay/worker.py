@@ -1,16 +1,21 @@
 """The relay's worker loop: claim due queue rows, prepare each copy, deliver, record outcomes.
 
 Owns scheduling inside one relay process.  A dispatcher leases due rows (store.queue.claim_sync)
-in batches while fewer than `4 x relay.workers` are in hand, groups them by
-recipient domain (the destination) and runs up to `relay.per_destination` destination tasks per
-domain, at most `relay.workers` connections in all.  A destination task resolves MX (relay.mx),
-opens one connection (relay.client) and delivers every waiting row for that domain over it
-(reopening only when a message needs a different TLS policy).  Before sending, each copy is
-rendered (core.render.for_recipient) and DKIM-signed (mailauth.dkim) in a worker thread; API and
-SMTP submitted mail goes out with a VERP return path (core.verp) so its bounces come back to us.
-Outcomes are written by relay.outcome in the same transaction as the queue update; deliveries
-in batches (those that finish while the previous batch is being written go in the next).
-Test-mode messages are marked delivered without any network I/O.
+in batches while fewer than `4 x relay.workers` are in hand, groups them by recipient domain (the
+destination) and runs up to `relay.per_destination` destination tasks per domain, at most
+`relay.workers` connections in all.  A destination task resolves MX (relay.mx), opens one
+connection (relay.client) and delivers every waiting row for that domain over it (reopening only
+when a message needs a different TLS policy).  A connection with nothing left to send stays open
+for `relay.idle_seconds`, for rows claimed next (a connection cache: without it, a busy relay
+opened a connection every few messages); it closes at once when a task for another destination
+waits for a connection slot, or when the relay stops.
+
+Each copy is rendered for its recipient (core.render; in a thread, unless it goes out as stored)
+and DKIM-signed by a helper process (relay.signer; in a thread when there is none) while the
+previous one is on the wire.  API and SMTP submitted mail goes out with a VERP return path
+(core.verp) so its bounces come back to us.  Outcomes are written by relay.outcome in the same
+transaction as the queue update; deliveries in batches (those that finish while the previous
+batch is being written go in the next).  Test-mode messages are marked delivered without any network I/O.
 
 Wake-ups: in-process wakers, pokes from this host's other processes (mailplat.triggers, topic
 "queue") and PostgreSQL LISTEN (store.queue); polling with a short back-off, never later than
@@ -36,7 +41,7 @@ from ..mailauth import dkim as dkimsign
 from ..mailauth.tlspolicy import TlsPolicy, policy_for
 from ..store import blobs, queue
 from ..store.models import Domain, QueueItem
-from . import client, outcome
+from . import client, outcome, signer
 from .mx import MxError, MxResolver
 
 log = logs.get("mailplat.relay")
@@ -108,16 +113,6 @@ def _load_jobs_sync(ids: list[int]) -> list[Job]:
     return jobs
 
 
-def _prepare(job: Job) -> bytes:
-    """The exact bytes for this recipient: rendered, then DKIM-signed (runs in a thread)."""
-    data = render.for_recipient(job.message, job.raw, job.item.recipient, tracking=job.tracking)
-    options = job.message.options or {}
-    if options.get("dkim") is False or job.signing is None:
-        return dkimsign.normalize_crlf(data)
-    d, selector, pem = job.signing
-    return dkimsign.sign(data, d, selector, pem)  # normalises line endings itself
-
-
 def _pid_runs(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -147,10 +142,14 @@ class Worker:
         self.dest_tasks: dict[str, int] = defaultdict(int)
         self.tasks: set[asyncio.Task] = set()
         self.conn_slots = asyncio.Semaphore(self.cfg.workers)
+        # Destination tasks whose connection is idle, by domain: each waits on its future for
+        # True (rows arrived: go on) or False (close: time is up, a slot is wanted, stopping).
+        self.idle: dict[str, list[asyncio.Future]] = defaultdict(list)
         self.wake = asyncio.Event()
         self.stopping = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.listener: queue.Listener | None = None
+        self.signer: signer.SignerPool | None = None
         self.trigger: triggers.Listener | None = None
         self.dispatcher: asyncio.Task | None = None
         self.renewer: asyncio.Task | None = None
@@ -165,6 +164,9 @@ class Worker:
         released = await self.ctx.store.write(queue.release_dead_owners_sync, self.host, self.clock(), _pid_runs)
         if released:
             logs.event(log, "leases of a dead relay process released", rows=released)
+        if self.cfg.signing_processes:
+            self.signer = signer.SignerPool(self.cfg.signing_processes)
+            await self.signer.start()
         queue.add_waker(self._wake_threadsafe)
         self.trigger = triggers.listen(self.ctx.config.data_dir, "queue", self.wake.set)
         if self.ctx.store.is_postgres:
@@ -178,6 +180,8 @@ class Worker:
     async def stop(self) -> None:
         self.stopping = True
         self.wake.set()
+        for domain in list(self.idle):
+            self._end_idle(domain, False)
         queue.remove_waker(self._wake_threadsafe)
         if self.trigger is not None:
             self.trigger.close()
@@ -205,6 +209,8 @@ class Worker:
         if still:
             await asyncio.wait(still, timeout=5)
             log.warning("relay stopped with %d deliveries unfinished (their leases will expire)", len(still))
+        if self.signer is not None:
+            await self.signer.close()
         logs.event(log, "relay stopped", owner=self.owner, released=len(not_started))
 
     async def _renew_leases(self) -> None:
@@ -290,6 +296,7 @@ class Worker:
         if test_jobs:
             self._spawn(self._deliver_test_mode(test_jobs))
         for domain in list(self.pending):
+            self._end_idle(domain, True)
             self._ensure_destinations(domain)
         return len(ids)
 
@@ -317,22 +324,27 @@ class Worker:
 
     async def _destination(self, domain: str) -> None:
         try:
+            if self.conn_slots.locked():
+                self._close_an_idle_connection()
             async with self.conn_slots:
                 session: client.Session | None = None
                 ahead: tuple[Job, asyncio.Future] | None = None
                 try:
-                    # Pipelined: the next copy is rendered and signed (in a thread) while the
-                    # current one is on the wire; outcomes are written in the background.
-                    while ahead is not None or self.pending.get(domain):
-                        if ahead is None:
-                            job = self.pending[domain].popleft()
-                            prepared = self._prepare_soon(job)
-                        else:
-                            (job, prepared), ahead = ahead, None
-                        if self.pending.get(domain):
-                            nxt = self.pending[domain].popleft()
-                            ahead = (nxt, self._prepare_soon(nxt))
-                        session = await self._deliver(job, prepared, session)
+                    while True:
+                        # Pipelined: the next copy is rendered and signed (in a thread) while
+                        # the current one is on the wire; outcomes are written in the background.
+                        while ahead is not None or self.pending.get(domain):
+                            if ahead is None:
+                                job = self.pending[domain].popleft()
+                                prepared = self._prepare_soon(job)
+                            else:
+                                (job, prepared), ahead = ahead, None
+                            if self.pending.get(domain):
+                                nxt = self.pending[domain].popleft()
+                                ahead = (nxt, self._prepare_soon(nxt))
+                            session = await self._deliver(job, prepared, session)
+                        if not await self._linger(domain, session):
+                            break
                 finally:
                     if session is not None:
                         await session.close()
@@ -348,8 +360,59 @@ class Worker:
                 if self.dest_tasks[domain] <= 0:
                     self.dest_tasks.pop(domain, None)
 
+    async def _linger(self, domain: str, session: client.Session | None) -> bool:
+        """Keep an idle connection open for more rows to its destination: True when some
+        arrived, False when it should close."""
+        if session is None or not session.open or self.stopping or self.cfg.idle_seconds <= 0:
+            return False
+        waiter = self.loop.create_future()
+        waiters = self.idle[domain]
+        waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self.cfg.idle_seconds):
+                return await waiter
+        except TimeoutError:
+            return False
+        finally:
+            waiters.remove(waiter)
+            if not waiters:
+                self.idle.pop(domain, None)
+
+    def _end_idle(self, domain: str, go_on: bool) -> None:
+        for waiter in self.idle.get(domain, ()):
+            if not waiter.done():
+                waiter.set_result(go_on)
+
+    def _close_an_idle_connection(self) -> None:
+        """Another destination waits for a connection slot: the longest-idle connection of
+        any destination gives its slot up."""
+        for waiters in self.idle.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(False)
+                    return
+
     def _prepare_soon(self, job: Job) -> asyncio.Future:
-        return asyncio.ensure_future(asyncio.to_thread(_prepare, job))
+        return asyncio.ensure_future(self._prepare(job))
+
+    async def _prepare(self, job: Job) -> bytes:
+        """The exact bytes for this recipient: rendered, then DKIM-signed."""
+        message = job.message
+        if render.verbatim(message, job.raw, job.tracking):
+            data = job.raw
+        else:
+            data = await asyncio.to_thread(render.for_recipient, message, job.raw, job.item.recipient,
+                                           tracking=job.tracking)
+        if (message.options or {}).get("dkim") is False or job.signing is None:
+            return dkimsign.normalize_crlf(data)
+        d, selector, pem = job.signing
+        if self.signer is not None:
+            data = dkimsign.canonical_lines(data)
+            try:
+                return await self.signer.signature(data, d, selector, pem) + data
+            except signer.SignerUnavailable:
+                pass
+        return await asyncio.to_thread(dkimsign.sign, data, d, selector, pem)
 
     async def _deliver(self, job: Job, prepared: asyncio.Future,
                        session: client.Session | None) -> client.Session | None:
@@ -365,37 +428,45 @@ class Worker:
                 log.exception("preparing the message failed")
                 await self._record(job, outcome.Result(code=451, message=f"4.3.0 Local error preparing the message: {exc}"))
                 return session
-            if session is not None and (not session.usable or session.policy != job.policy):
-                await session.close()
-                session = None
-            if session is None:
+            for fresh_only in (False, True):
+                if session is not None and (fresh_only or not session.open or session.policy != job.policy):
+                    await session.close()
+                    session = None
+                if session is None:
+                    try:
+                        hosts = await self.mx.resolve(item.rcpt_domain)
+                        session = await client.connect(
+                            hosts, job.policy, port=self.cfg.remote_port, ca_file=self.cfg.ca_file,
+                            helo=self.helo, connect_timeout=self.cfg.connect_timeout,
+                            command_timeout=self.cfg.command_timeout)
+                    except MxError as exc:
+                        await self._fail_destination(job, self._mx_result(exc))
+                        return None
+                    except client.DeliveryError as exc:
+                        await self._fail_destination(job, self._error_result(exc))
+                        return None
+                    except Exception as exc:  # noqa: BLE001 - our bug: temporary, never a bounce
+                        log.exception("connecting failed unexpectedly")
+                        await self._record(job, outcome.Result(code=451, message=f"4.3.0 Local error while connecting: {exc}"))
+                        return None
+                reused = session.sent > 0
                 try:
-                    hosts = await self.mx.resolve(item.rcpt_domain)
-                    session = await client.connect(
-                        hosts, job.policy, port=self.cfg.remote_port, ca_file=self.cfg.ca_file,
-                        helo=self.helo, connect_timeout=self.cfg.connect_timeout,
-                        command_timeout=self.cfg.command_timeout)
-                except MxError as exc:
-                    await self._fail_destination(job, self._mx_result(exc))
-                    return None
+                    accepted = await session.send(
+                        job.message.sender if job.mail_from is None else job.mail_from, item.recipient, data)
+                    break
                 except client.DeliveryError as exc:
-                    await self._fail_destination(job, self._error_result(exc))
+                    if reused and not fresh_only and exc.stage == "mail" and not session.usable:
+                        # A kept connection the remote had closed (idle timeout): nothing was
+                        # sent, so the copy goes out once more over a new connection.
+                        log.debug("kept connection to %s was closed; reconnecting", session.host)
+                        continue
+                    self._spawn(self._record(job, self._error_result(exc)))
+                    return session
+                except Exception as exc:  # noqa: BLE001 - our bug: temporary, and the session is dropped
+                    log.exception("sending failed unexpectedly")
+                    await session.close()
+                    self._spawn(self._record(job, outcome.Result(code=451, message=f"4.3.0 Local error while sending: {exc}")))
                     return None
-                except Exception as exc:  # noqa: BLE001 - our bug: temporary, never a bounce
-                    log.exception("connecting failed unexpectedly")
-                    await self._record(job, outcome.Result(code=451, message=f"4.3.0 Local error while connecting: {exc}"))
-                    return None
-            try:
-                accepted = await session.send(
-                    job.message.sender if job.mail_from is None else job.mail_from, item.recipient, data)
-            except client.DeliveryError as exc:
-                self._spawn(self._record(job, self._error_result(exc)))
-                return session
-            except Exception as exc:  # noqa: BLE001 - our bug: temporary, and the session is dropped
-                log.exception("sending failed unexpectedly")
-                await session.close()
-                self._spawn(self._record(job, outcome.Result(code=451, message=f"4.3.0 Local error while sending: {exc}")))
-                return None
             self._delivered(job, outcome.Result(
                 code=accepted.code, message=accepted.message, enhanced=accepted.enhanced,
                 mx_host=accepted.mx_host, tls=accepted.tls, verified=accepted.verified,
