@@ -12,6 +12,7 @@ connection carried it) and answers as scripted:
     SmtpSink(tls_context=ctx, starttls_injection=b"250 fake\r\n")  # STARTTLS injection attack
     sink.wait_count(3)                                # wait until 3 messages were accepted
     SmtpSink(idle_timeout=0.5)                        # close a connection idle that long (421)
+    SmtpSink(pipelining=False)                        # EHLO without PIPELINING (offered by default)
     sink.connections / sink.closed                    # sessions opened / ended so far
 """
 from __future__ import annotations
@@ -45,6 +46,12 @@ def free_port() -> int:
 class _Handler:
     def __init__(self, sink: "SmtpSink"):
         self.sink = sink
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.sink.pipelining:  # aiosmtpd reads commands in order, however they arrive
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         reply = self.sink.rcpt_replies.get(address.lower())
@@ -121,8 +128,10 @@ class _Controller(Controller):
 
 class SmtpSink:
     def __init__(self, tls_context=None, hostname: str = "mx.sink.test", port: int | None = None,
-                 host: str = "127.0.0.1", starttls_injection: bytes = b"", idle_timeout: float = 300):
+                 host: str = "127.0.0.1", starttls_injection: bytes = b"", idle_timeout: float = 300,
+                 pipelining: bool = True):
         self.host = host
+        self.pipelining = pipelining
         self.idle_timeout = idle_timeout
         self.connections = 0  # sessions that reached the greeting
         self.closed = 0       # sessions that ended, whoever ended them

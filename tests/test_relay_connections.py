@@ -132,3 +132,24 @@ def test_lines_starting_with_a_dot_arrive_intact(env):
     # The lines went out dot-stuffed and the remote took the dots off again.
     assert b"\r\n.hidden line\r\n.\r\n..two dots\r\n" in got.data
     assert dkim_verify_perl(got.data, dns.port) == ONE_GOOD_SIGNATURE
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_refusals_leave_the_connection_fit_for_the_next_message(env, pipelining):
+    """MAIL, RCPT and DATA go out in one write to a server offering PIPELINING, one by one to
+    one that does not; a refused recipient or message is reset and the next one still goes."""
+    server, sink, sender, _ = env
+    target, rdom = sink(pipelining=pipelining)
+    target.rcpt_replies[f"gone@{rdom}"] = "550 5.1.1 No such user"
+    target.data_replies = [None, "554 5.6.0 Content refused"]  # the first DATA passes
+    rcpts = [f"ok1@{rdom}", f"gone@{rdom}", f"refused@{rdom}", f"ok2@{rdom}"]
+    for rcpt in rcpts:
+        send(server, sender, [rcpt])
+    db = db_url_of(server.data_dir)
+    failed = {r: wait_for(lambda r=r: next(iter(events(db, r, "failed")), None), timeout=20,
+                          what=f"failed event for {r}") for r in rcpts[1:3]}
+    assert failed[f"gone@{rdom}"]["delivery-status"]["code"] == 550
+    assert failed[f"refused@{rdom}"]["delivery-status"]["code"] == 554
+    got = target.wait_count(2)
+    assert sorted(r for m in got for r in m.rcpt_tos) == [f"ok1@{rdom}", f"ok2@{rdom}"]
+    assert len({m.connection for m in got}) == 1 and target.connections == 1

@@ -15,6 +15,7 @@ import asyncio
 import re
 import ssl
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -23,6 +24,7 @@ from aiosmtplib.email import quote_address
 from ..mailauth.tlspolicy import TlsPolicy, client_context
 from .mx import MxHost
 
+MAX_REPLY = 64 * 1024  # bytes of one unfinished reply; more is a broken or hostile server
 NETWORK_ERRORS = (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ssl.SSLError, EOFError)
 _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 _PLAIN_ADDRESS = re.compile(r"(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
@@ -86,99 +88,202 @@ class Accepted:
         return enhanced_code(self.message)
 
 
+class _Replies(asyncio.Protocol):
+    """The reading side of a session once aiosmtplib has opened it: whole SMTP replies, queued
+    in order, so that several commands may be written before their replies are read."""
+
+    def __init__(self, transport: asyncio.Transport):
+        self.transport = transport
+        self.buffer = bytearray()
+        self.lines: list[bytes] = []
+        self.replies: deque[tuple[int, str]] = deque()
+        self.waiter: asyncio.Future | None = None
+        self.wanted = 0
+        self.ended: str = ""  # why no more replies will come
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        start = 0
+        while (end := self.buffer.find(b"\n", start)) != -1:
+            line = bytes(self.buffer[start:end + 1])
+            start = end + 1
+            self.lines.append(line)
+            if line[3:4] == b"-":
+                continue
+            code = line[:3]
+            if not code.isdigit():
+                self._end(f"malformed reply line {line[:80]!r}")
+                return
+            self.replies.append((int(code), "\n".join(
+                part[4:].strip(b" \t\r\n").decode("utf-8", "surrogateescape") for part in self.lines)))
+            self.lines = []
+        del self.buffer[:start]
+        if len(self.buffer) + sum(map(len, self.lines)) > MAX_REPLY:
+            self._end("reply too long")
+            return
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._end("connection closed by the remote")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(f"connection lost: {exc}" if exc else "connection closed")
+
+    def _end(self, why: str) -> None:
+        self.ended = self.ended or why
+        self.transport.close()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done() and (
+                len(self.replies) >= self.wanted or self.ended):
+            self.waiter.set_result(None)
+
+    async def read(self, n: int) -> list[tuple[int, str]]:
+        """The next `n` replies; fewer only when the connection ended first."""
+        while len(self.replies) < n and not self.ended:
+            self.waiter = asyncio.get_running_loop().create_future()
+            self.wanted = n
+            await self.waiter
+        return [self.replies.popleft() for _ in range(min(n, len(self.replies)))]
+
+
+class _Refused(Exception):
+    def __init__(self, stage: str, code: int, message: str):
+        super().__init__(message)
+        self.stage, self.code, self.message = stage, code, message
+
+
+class _Lost(Exception):
+    def __init__(self, stage: str, why: str):
+        super().__init__(why)
+        self.stage = stage
+
+
+_STAGES = ("mail", "rcpt", "data")
+_ACCEPTS = ((250,), (250, 251), (354,))
+
+
 class Session:
+    """One connection to one MX host, for any number of transactions.
+
+    aiosmtplib opens it (greeting, EHLO, STARTTLS with its defences); then the session reads
+    replies itself (_Replies) so that MAIL, RCPT and DATA go out in one write when the server
+    offers PIPELINING (RFC 2920): two round trips per message instead of four."""
+
     def __init__(self, smtp: aiosmtplib.SMTP, host: str, tls: bool, verified: bool, policy: TlsPolicy):
-        self.smtp = smtp
         self.host = host
         self.tls = tls
         self.verified = verified
         self.policy = policy
         self.usable = True
         self.sent = 0
-        self.timeout = smtp.timeout  # relay.command_timeout
+        self.timeout = smtp.timeout  # relay.command_timeout, per reply
+        self.pipelining = smtp.supports_extension("pipelining")
+        self.smtputf8 = smtp.supports_extension("smtputf8")
+        transport = smtp.protocol.transport
+        self.conn = _Replies(transport)
+        transport.set_protocol(self.conn)  # aiosmtplib's protocol sees nothing more
 
     @property
     def open(self) -> bool:
         """Fit for another transaction: no failure made it unusable and the remote has not
         closed it (an idle connection the remote timed out)."""
-        return self.usable and self.smtp.is_connected
+        return self.usable and not self.conn.ended
+
+    def _fail(self, stage: str, message: str, code: int = 451) -> DeliveryError:
+        return DeliveryError(message, code, stage=stage, mx_host=self.host, tls=self.tls, verified=self.verified)
+
+    async def _replies(self, n: int, stage: int) -> list[tuple[int, str]]:
+        """`n` replies, the first to the command of _STAGES[stage]; _Lost if they do not all
+        come within relay.command_timeout each."""
+        try:
+            async with asyncio.timeout(self.timeout * n):
+                got = await self.conn.read(n)
+        except TimeoutError:
+            self.conn._end("timed out")
+            raise _Lost(_STAGES[min(stage + len(self.conn.replies), 2)], "timed out waiting for a reply") from None
+        if len(got) < n:
+            raise _Lost(_STAGES[min(stage + len(got), 2)], self.conn.ended)
+        return got
+
+    async def _start(self, commands: list[bytes]) -> None:
+        """MAIL, RCPT, DATA: in one write when pipelining, else one by one until a refusal.
+        Raises _Refused for the first refusal."""
+        if self.pipelining:
+            self.conn.transport.write(b"".join(commands))
+            replies = await self._replies(3, 0)
+        else:
+            replies = []
+            for i, command in enumerate(commands):
+                self.conn.transport.write(command)
+                replies += await self._replies(1, i)
+                if replies[-1][0] not in _ACCEPTS[i]:
+                    break
+        for i, (code, message) in enumerate(replies):
+            if code not in _ACCEPTS[i]:
+                if len(replies) == 3 and replies[2][0] == 354:
+                    # DATA was taken although an earlier command was refused: send an empty
+                    # message's end so the server leaves the data state, and forget its reply.
+                    self.conn.transport.write(b".\r\n")
+                    await self._replies(1, 2)
+                raise _Refused(_STAGES[i], code, message)
 
     async def send(self, sender: str, recipient: str, data: bytes) -> Accepted:
         """One transaction; `data` has CRLF line endings only (mailauth.dkim.normalize_crlf)."""
         started = time.monotonic()
-        stage = "mail"
-        encoding, mail_options = "ascii", ()
+        encoding, mail_option = "ascii", b""
         if not (sender.isascii() and recipient.isascii()):
             # Internationalised address (RFC 6531): only to a server that offers SMTPUTF8.
-            if not self.smtp.supports_extension("smtputf8"):
-                await self._reset()
-                raise DeliveryError(f"5.6.7 {self.host} does not support SMTPUTF8, needed for this address",
-                                    553, stage="mail", mx_host=self.host, tls=self.tls, verified=self.verified)
-            encoding, mail_options = "utf-8", (b"SMTPUTF8",)
-        # One deadline, moved on at each command (relay.command_timeout per reply), instead of
-        # aiosmtplib's wait_for() around every reply: the same limits for less work per message.
-        loop = asyncio.get_running_loop()
+            if not self.smtputf8:
+                raise self._fail("mail", f"5.6.7 {self.host} does not support SMTPUTF8, needed for this address", 553)
+            encoding, mail_option = "utf-8", b" SMTPUTF8"
+        mail, rcpt = _path(sender).encode(encoding), _path(recipient).encode(encoding)
+        for stage, path in (("mail", mail), ("rcpt", rcpt)):
+            if b"\r" in path or b"\n" in path:
+                raise self._fail(stage, "5.1.3 Line break in an address", 553)
         try:
-            async with asyncio.timeout(None) as deadline:
-                deadline.reschedule(loop.time() + self.timeout)
-                reply = await self.smtp.execute_command(
-                    b"MAIL", b"FROM:" + _path(sender).encode(encoding), *mail_options, timeout=None)
-                if reply.code != 250:
-                    raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, sender)
-                stage = "rcpt"
-                deadline.reschedule(loop.time() + self.timeout)
-                reply = await self.smtp.execute_command(b"RCPT", b"TO:" + _path(recipient).encode(encoding),
-                                                        timeout=None)
-                if reply.code not in (250, 251):
-                    raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, recipient)
-                stage = "data"
-                deadline.reschedule(loop.time() + self.timeout)
-                reply = await self.smtp.execute_command(b"DATA", timeout=None)
-                if reply.code != 354:
-                    raise aiosmtplib.SMTPDataError(reply.code, reply.message)
-                deadline.reschedule(loop.time() + self.timeout)
-                # The content goes straight to the protocol: aiosmtplib's data() would run two
-                # regular expressions over it to do what _data_payload does with str methods.
-                # No await between the write and read_response: no reply can be missed.
-                self.smtp.protocol.write(_data_payload(data))
-                reply = await self.smtp.protocol.read_response(timeout=None)
-                if reply.code != 250:
-                    raise aiosmtplib.SMTPDataError(reply.code, reply.message)
-        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError,
-                asyncio.TimeoutError) as exc:
+            await self._start([b"MAIL FROM:" + mail + mail_option + b"\r\n", b"RCPT TO:" + rcpt + b"\r\n",
+                               b"DATA\r\n"])
+            self.conn.transport.write(_data_payload(data))
+            [(code, message)] = await self._replies(1, 2)
+            if code != 250:
+                raise _Refused("data", code, message)
+        except _Lost as exc:
             self.usable = False
-            raise DeliveryError(f"Connection to {self.host} lost during {stage.upper()}: {exc}", 451,
-                                stage=stage, mx_host=self.host, tls=self.tls, verified=self.verified) from exc
-        except aiosmtplib.SMTPResponseException as exc:
+            raise self._fail(exc.stage, f"Connection to {self.host} lost during {exc.stage.upper()}: {exc}") from None
+        except _Refused as exc:
             if exc.code == 421:
                 self.usable = False
             else:
                 await self._reset()
-            raise DeliveryError(exc.message, exc.code, stage=stage, mx_host=self.host, tls=self.tls,
-                                verified=self.verified) from exc
-        except aiosmtplib.SMTPException as exc:
-            self.usable = False
-            raise DeliveryError(f"SMTP error from {self.host} during {stage.upper()}: {exc}", 451,
-                                stage=stage, mx_host=self.host, tls=self.tls, verified=self.verified) from exc
+            raise self._fail(exc.stage, exc.message, exc.code) from None
         self.sent += 1
-        return Accepted(reply.code, reply.message, self.host, self.tls, self.verified,
-                        round(time.monotonic() - started, 3))
+        return Accepted(code, message, self.host, self.tls, self.verified, round(time.monotonic() - started, 3))
+
+    async def _command(self, command: bytes) -> tuple[int, str] | None:
+        if self.conn.ended:
+            return None
+        self.conn.transport.write(command)
+        try:
+            return (await self._replies(1, 0))[0]
+        except _Lost:
+            return None
 
     async def _reset(self) -> None:
-        try:
-            await self.smtp.rset()
-        except NETWORK_ERRORS:
+        if await self._command(b"RSET\r\n") is None:
             self.usable = False
 
     async def close(self) -> None:
         self.usable = False
         try:
-            if self.smtp.is_connected:
-                await asyncio.wait_for(self.smtp.quit(), 5)
-        except NETWORK_ERRORS:
+            async with asyncio.timeout(5):
+                await self._command(b"QUIT\r\n")
+        except TimeoutError:
             pass
         finally:
-            self.smtp.close()
+            self.conn.transport.close()
 
 
 class _TlsUnavailable(Exception):
