@@ -28,7 +28,13 @@ class JSONField(pw.TextField):
         return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
     def python_value(self, value):
-        return None if value is None else json.loads(value)
+        if value is None:
+            return None
+        if value == "{}":  # most of a message's fields: a new empty one without the decoder
+            return {}
+        if value == "[]":
+            return []
+        return json.loads(value)
 
 
 class BaseModel(pw.Model):
