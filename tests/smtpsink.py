@@ -13,6 +13,7 @@ connection carried it) and answers as scripted:
     sink.wait_count(3)                                # wait until 3 messages were accepted
     SmtpSink(idle_timeout=0.5)                        # close a connection idle that long (421)
     SmtpSink(pipelining=False)                        # EHLO without PIPELINING (offered by default)
+    sink.drop_on_mail_after = 1                       # hang up at MAIL after 1 message per connection
     sink.connections / sink.closed                    # sessions opened / ended so far
 """
 from __future__ import annotations
@@ -53,6 +54,14 @@ class _Handler:
             responses.insert(-1, "250-PIPELINING")
         return responses
 
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if self.sink.drop_on_mail_after and self.sink.per_session.get(id(session), 0) >= self.sink.drop_on_mail_after:
+            server.transport.close()  # hang up without a word, as a remote timing out at that moment
+            return "421 4.4.2 Closing"  # not seen: the connection is already closed
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         reply = self.sink.rcpt_replies.get(address.lower())
         if reply:
@@ -73,6 +82,7 @@ class _Handler:
                 if reply:
                     sink.rejected += 1
                     return reply
+            sink.per_session[id(session)] = sink.per_session.get(id(session), 0) + 1
             sink.messages.append(Received(
                 mail_from=envelope.mail_from, rcpt_tos=list(envelope.rcpt_tos),
                 data=bytes(envelope.original_content or b""), tls=session.ssl is not None,
@@ -132,6 +142,8 @@ class SmtpSink:
                  pipelining: bool = True):
         self.host = host
         self.pipelining = pipelining
+        self.drop_on_mail_after = 0  # > 0: hang up at MAIL once a connection carried that many
+        self.per_session: dict[int, int] = {}  # messages accepted, by session
         self.idle_timeout = idle_timeout
         self.connections = 0  # sessions that reached the greeting
         self.closed = 0       # sessions that ended, whoever ended them

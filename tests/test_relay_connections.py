@@ -96,6 +96,20 @@ def test_connection_the_remote_closed_is_replaced(env):
     assert not events(db_url_of(server.data_dir), rcpt, "failed")
 
 
+def test_kept_connection_closed_as_a_message_goes_out_is_retried_at_once(env):
+    server, sink, sender, _ = env
+    target, rdom = sink()
+    target.drop_on_mail_after = 1  # the remote hangs up at MAIL on a connection that carried one
+    rcpts = [f"hang{i}@{rdom}" for i in range(3)]
+    for i, rcpt in enumerate(rcpts):
+        send(server, sender, [rcpt])
+        target.wait_count(i + 1)  # one at a time: each later one meets a kept connection
+    for rcpt in rcpts:
+        assert delivered(server, rcpt)["delivery-status"]["attempt-no"] == 1
+        assert not events(db_url_of(server.data_dir), rcpt, "failed")
+    assert len({m.connection for m in target.messages}) == 3
+
+
 def signers(server) -> list[int]:
     return spawned_children(server.proc.pid, b"mailplat.relay.signer")
 

@@ -15,7 +15,8 @@ and DKIM-signed by a helper process (relay.signer; in a thread when there is non
 previous one is on the wire.  API and SMTP submitted mail goes out with a VERP return path
 (core.verp) so its bounces come back to us.  Outcomes are written by relay.outcome in the same
 transaction as the queue update; deliveries in batches (those that finish while the previous
-batch is being written go in the next).  Test-mode messages are marked delivered without any network I/O.
+batch is being written go in the next).  Test-mode messages are marked delivered without any
+network I/O.
 
 Wake-ups: in-process wakers, pokes from this host's other processes (mailplat.triggers, topic
 "queue") and PostgreSQL LISTEN (store.queue); polling with a short back-off, never later than
@@ -331,8 +332,8 @@ class Worker:
                 ahead: tuple[Job, asyncio.Future] | None = None
                 try:
                     while True:
-                        # Pipelined: the next copy is rendered and signed (in a thread) while
-                        # the current one is on the wire; outcomes are written in the background.
+                        # Pipelined: the next copy is rendered and signed while the current one
+                        # is on the wire; outcomes are written in the background.
                         while ahead is not None or self.pending.get(domain):
                             if ahead is None:
                                 job = self.pending[domain].popleft()
@@ -384,8 +385,8 @@ class Worker:
                 waiter.set_result(go_on)
 
     def _close_an_idle_connection(self) -> None:
-        """Another destination waits for a connection slot: the longest-idle connection of
-        any destination gives its slot up."""
+        """Another destination waits for a connection slot: an idle connection (the first
+        found) gives its slot up."""
         for waiters in self.idle.values():
             for waiter in waiters:
                 if not waiter.done():
@@ -428,36 +429,21 @@ class Worker:
                 log.exception("preparing the message failed")
                 await self._record(job, outcome.Result(code=451, message=f"4.3.0 Local error preparing the message: {exc}"))
                 return session
-            for fresh_only in (False, True):
-                if session is not None and (fresh_only or not session.open or session.policy != job.policy):
+            for second_try in (False, True):
+                if session is not None and (not session.open or session.policy != job.policy):
                     await session.close()
                     session = None
-                if session is None:
-                    try:
-                        hosts = await self.mx.resolve(item.rcpt_domain)
-                        session = await client.connect(
-                            hosts, job.policy, port=self.cfg.remote_port, ca_file=self.cfg.ca_file,
-                            helo=self.helo, connect_timeout=self.cfg.connect_timeout,
-                            command_timeout=self.cfg.command_timeout)
-                    except MxError as exc:
-                        await self._fail_destination(job, self._mx_result(exc))
-                        return None
-                    except client.DeliveryError as exc:
-                        await self._fail_destination(job, self._error_result(exc))
-                        return None
-                    except Exception as exc:  # noqa: BLE001 - our bug: temporary, never a bounce
-                        log.exception("connecting failed unexpectedly")
-                        await self._record(job, outcome.Result(code=451, message=f"4.3.0 Local error while connecting: {exc}"))
-                        return None
+                if session is None and (session := await self._connect(job)) is None:
+                    return None
                 reused = session.sent > 0
                 try:
                     accepted = await session.send(
                         job.message.sender if job.mail_from is None else job.mail_from, item.recipient, data)
                     break
                 except client.DeliveryError as exc:
-                    if reused and not fresh_only and exc.stage == "mail" and not session.usable:
-                        # A kept connection the remote had closed (idle timeout): nothing was
-                        # sent, so the copy goes out once more over a new connection.
+                    if reused and not second_try and exc.stage == "mail" and not session.usable:
+                        # A kept connection the remote closed as this copy went out (nothing
+                        # was accepted): it goes out once more over a new connection.
                         log.debug("kept connection to %s was closed; reconnecting", session.host)
                         continue
                     self._spawn(self._record(job, self._error_result(exc)))
@@ -472,6 +458,23 @@ class Worker:
                 mx_host=accepted.mx_host, tls=accepted.tls, verified=accepted.verified,
                 session_seconds=accepted.session_seconds))
             return session
+
+    async def _connect(self, job: Job) -> client.Session | None:
+        """A session for this job's destination and TLS policy; None when there is none (the
+        failure is recorded for the job and the others waiting for that destination)."""
+        try:
+            hosts = await self.mx.resolve(job.item.rcpt_domain)
+            return await client.connect(
+                hosts, job.policy, port=self.cfg.remote_port, ca_file=self.cfg.ca_file, helo=self.helo,
+                connect_timeout=self.cfg.connect_timeout, command_timeout=self.cfg.command_timeout)
+        except MxError as exc:
+            await self._fail_destination(job, self._mx_result(exc))
+        except client.DeliveryError as exc:
+            await self._fail_destination(job, self._error_result(exc))
+        except Exception as exc:  # noqa: BLE001 - our bug: temporary, never a bounce
+            log.exception("connecting failed unexpectedly")
+            await self._record(job, outcome.Result(code=451, message=f"4.3.0 Local error while connecting: {exc}"))
+        return None
 
     async def _fail_destination(self, job: Job, result: outcome.Result) -> None:
         """A destination-level failure (DNS, no connection, TLS policy) applies to every waiting
