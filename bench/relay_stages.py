@@ -4,7 +4,7 @@ A fresh SQLite store in a temporary directory gets one domain (2048-bit DKIM key
 queued 2 KB messages (one recipient each, through core.send.submit).  Then each stage of the
 relay's work runs alone over all of them and its CPU time per message is printed:
 
-  claim+load   queue.claim_sync and relay.worker._load_jobs_sync, 100 rows a call
+  claim+load   queue.claim_sync and relay.worker._load_jobs_sync, BATCH (20) rows a call
   prepare      render for the recipient and DKIM-sign (mailauth.dkim.sign), as the relay does
   send         relay.client.Session.send over one connection to smtp-sink (client side only)
   outcome      relay.outcome.delivered_sync, 20 deliveries a transaction
@@ -43,6 +43,7 @@ from mailplat.store.db import open_store  # noqa: E402
 from tests.smtpsink import SmtpSink, free_port  # noqa: E402
 
 DOMAIN = "bench.test"
+BATCH = 20  # rows a claim takes: what a busy relay with the default 20 workers claims at a time
 
 
 def cpu_us(fn, n: int) -> float:
@@ -85,7 +86,7 @@ async def main(count: int) -> None:
             db = store.db
             while True:
                 with db.atomic("IMMEDIATE"):
-                    ids = queue.claim_sync("bench", time.time(), 300, 100)
+                    ids = queue.claim_sync("bench", time.time(), 300, BATCH)
                 if not ids:
                     return
                 with db.atomic():

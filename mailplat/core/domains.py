@@ -232,8 +232,11 @@ def dkim_signing_key_sync(name: str) -> tuple[str, str, str] | None:
         d = Domain.get_or_none(Domain.name == normalize_name(name))
     except InputError:
         return None
-    if d is None:
-        return None
+    return None if d is None else signing_key_of_sync(d)
+
+
+def signing_key_of_sync(d: Domain) -> tuple[str, str, str] | None:
+    """dkim_signing_key_sync for a domain row already read."""
     authority, key = _signing_key_row(d)
     if key is None:
         return None

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from .. import logs, triggers
 from ..core import render, tracking, verp
-from ..core.domains import dkim_signing_key_sync
+from ..core.domains import signing_key_of_sync
 from ..mailauth import dkim as dkimsign
 from ..mailauth.tlspolicy import TlsPolicy, policy_for
 from ..store import blobs, queue
@@ -104,8 +104,8 @@ def _load_jobs_sync(ids: list[int]) -> list[Job]:
     for item in items:
         msg = item.message
         if msg.domain not in domains:
-            domains[msg.domain] = Domain.get_or_none(Domain.name == msg.domain)
-            keys[msg.domain] = dkim_signing_key_sync(msg.domain)
+            row = domains[msg.domain] = Domain.get_or_none(Domain.name == msg.domain)
+            keys[msg.domain] = None if row is None else signing_key_of_sync(row)
         jobs.append(Job(item=item, raw=raws.get(msg.blob), domain_row=domains[msg.domain],
                         signing=keys[msg.domain],
                         policy=policy_for(domains[msg.domain], msg.options),

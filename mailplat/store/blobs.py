@@ -58,8 +58,12 @@ def get_sync(sha256: str) -> bytes:
 
 def get_many_sync(sha256s) -> dict[str, bytes]:
     """The stored bytes of each of `sha256s` that exists, in one query, by SHA-256."""
-    return {sha: bytes(data) for sha, data in
-            Blob.select(Blob.sha256, Blob.data).where(Blob.sha256.in_(list(set(sha256s)))).tuples()}
+    keys = list(set(sha256s))
+    if not keys:
+        return {}
+    rows = run_cached(("blobs.get_many", len(keys)),
+                      lambda: Blob.select(Blob.sha256, Blob.data).where(Blob.sha256.in_(keys)), keys)
+    return {sha: bytes(data) for sha, data in rows.fetchall()}
 
 
 def head_sync(sha256: str, n: int) -> bytes | None:

@@ -414,19 +414,29 @@ def insert_rows(model, rows: list[dict], *, ignore_conflicts: bool = False, retu
     return [row[0] for row in cursor.fetchall()] if returning_ids else None
 
 
-def run_cached(key, build: Callable[[], Any], params: list):
-    """Execute the query `build()` makes, its SQL text kept under `key` after the first call
-    (the key names everything that shapes the text: e.g. the length of an IN list), with
-    `params` in the order the built query places them.  Returns the cursor."""
+def _cached_sql(key, build: Callable[[], Any], params: list) -> str:
     sql = _insert_sql.get(key)
     if sql is None:
         sql, built = build().sql()
         if len(built) != len(params):  # a caller's bug: its key or parameters do not fit the query
-            raise ValueError(f"run_cached {key!r}: the query takes {len(built)} parameters, not {len(params)}")
+            raise ValueError(f"cached query {key!r}: it takes {len(built)} parameters, not {len(params)}")
         if len(_insert_sql) > 1000:
             _insert_sql.clear()
         _insert_sql[key] = sql
-    return models.database.execute_sql(sql, params)
+    return sql
+
+
+def run_cached(key, build: Callable[[], Any], params: list):
+    """Execute the query `build()` makes, its SQL text kept under `key` after the first call
+    (the key names everything that shapes the text: e.g. the length of an IN list), with
+    `params` in the order the built query places them.  Returns the cursor."""
+    return models.database.execute_sql(_cached_sql(key, build, params), params)
+
+
+def select_cached(model, key, build: Callable[[], Any], params: list) -> list:
+    """As run_cached, for a SELECT of whole `model` rows: returns model instances.  Building a
+    select's SQL text costs more than reading a batch of rows back."""
+    return list(model.raw(_cached_sql(key, build, params), *params))
 
 
 class _Merged:

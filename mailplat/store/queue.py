@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 
 import peewee
 
-from .db import run_cached
+from .db import run_cached, select_cached
 from .models import Message, QueueItem, database
 
 CHANNEL = "mailplat_queue"
@@ -164,8 +164,12 @@ def load_sync(ids: Iterable[int]) -> list[QueueItem]:
     ids = list(ids)
     if not ids:
         return []
-    items = list(QueueItem.select().where(QueueItem.id.in_(ids)).order_by(QueueItem.id))
-    messages = {m.id: m for m in Message.select().where(Message.id.in_({i.message_id for i in items}))}
+    items = select_cached(QueueItem, ("queue.load", len(ids)),
+                          lambda: QueueItem.select().where(QueueItem.id.in_(ids)).order_by(QueueItem.id), ids)
+    message_ids = list({i.message_id for i in items})
+    messages = {m.id: m for m in select_cached(Message, ("queue.load.messages", len(message_ids)),
+                                               lambda: Message.select().where(Message.id.in_(message_ids)),
+                                               message_ids)}
     for item in items:
         item.message = messages[item.message_id]
     return items
