@@ -1,7 +1,7 @@
 """The relay's worker loop: claim due queue rows, prepare each copy, deliver, record outcomes.
 
 Owns scheduling inside one relay process.  A dispatcher leases due rows (store.queue.claim_sync)
-in batches while fewer than `4 x relay.workers` are in hand, groups them by recipient domain (the
+in batches while fewer than `8 x relay.workers` are in hand, groups them by recipient domain (the
 destination) and runs up to `relay.per_destination` destination tasks per domain, at most
 `relay.workers` connections in all.  A destination task resolves MX (relay.mx), opens one
 connection (relay.client) and delivers every waiting row for that domain over it (reopening only
@@ -48,6 +48,10 @@ from .mx import MxError, MxResolver
 log = logs.get("mailplat.relay")
 
 CLAIM_BATCH = 100
+# Rows in hand per connection slot (relay.workers): waiting, being signed, on the wire, or
+# delivered with the outcome not yet committed.  At 4 the destinations ran dry while claims and
+# outcome commits were under way; 8 delivered 15-20% more per second to a local sink.
+IN_HAND_PER_WORKER = 8
 POLL_MIN = 0.02
 POLL_MAX_SQLITE = 1.0
 POLL_MAX_LISTEN = 5.0
@@ -135,8 +139,8 @@ class Worker:
         self.helo = ctx.config.server.hostname
         # Rows in hand: enough to keep every connection busy, few enough to leave the rest to
         # other relay processes.  Claims wait until a quarter of them fit: batches, yet claimed
-        # while the destination tasks still have rows waiting (an idle one closes its connection).
-        self.max_inflight = self.cfg.workers * 4
+        # while the destination tasks still have rows waiting.
+        self.max_inflight = self.cfg.workers * IN_HAND_PER_WORKER
         self.claim_min = max(1, min(CLAIM_BATCH, self.max_inflight) // 4)
         self.inflight: dict[int, Job] = {}
         self.pending: dict[str, deque[Job]] = defaultdict(deque)
