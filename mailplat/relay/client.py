@@ -3,7 +3,9 @@ several transactions, with the domain's TLS policy applied.
 
 Owns `connect(hosts, policy, ...)` (tries MX hosts in order and their addresses; STARTTLS per
 mailauth.tlspolicy; never falls back to plaintext when TLS is required) and `Session.send()`
-(MAIL/RCPT/DATA, RSET after a rejection so the connection can carry the next message).
+(MAIL/RCPT/DATA, in one write to a server that offers PIPELINING; RSET after a rejection so the
+connection can carry the next message).  aiosmtplib opens the connection; the session then
+reads replies itself, since aiosmtplib takes one reply per command written.
 Failures come back as `DeliveryError` with the remote code, its enhanced status code and
 whether the connection is still usable; relay.outcome decides what they mean.
 After STARTTLS, aiosmtplib discards any plaintext the server sent ahead of the handshake
@@ -25,6 +27,7 @@ from ..mailauth.tlspolicy import TlsPolicy, client_context
 from .mx import MxHost
 
 MAX_REPLY = 64 * 1024  # bytes of one unfinished reply; more is a broken or hostile server
+MAX_UNREAD = 16        # whole replies nobody asked for yet; more is a broken or hostile server
 NETWORK_ERRORS = (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ssl.SSLError, EOFError)
 _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 _PLAIN_ADDRESS = re.compile(r"(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
@@ -112,26 +115,32 @@ class _Replies(asyncio.Protocol):
                 continue
             code = line[:3]
             if not code.isdigit():
-                self._end(f"malformed reply line {line[:80]!r}")
+                self.end(f"malformed reply line {line[:80]!r}", broken=True)
                 return
             self.replies.append((int(code), "\n".join(
                 part[4:].strip(b" \t\r\n").decode("utf-8", "surrogateescape") for part in self.lines)))
             self.lines = []
         del self.buffer[:start]
         if len(self.buffer) + sum(map(len, self.lines)) > MAX_REPLY:
-            self._end("reply too long")
-            return
-        self._wake()
+            self.end("reply too long", broken=True)
+        elif len(self.replies) > MAX_UNREAD:
+            self.end("more replies than commands", broken=True)
+        else:
+            self._wake()
 
     def eof_received(self) -> bool:
-        self._end("connection closed by the remote")
+        self.end("connection closed by the remote")
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._end(f"connection lost: {exc}" if exc else "connection closed")
+        self.end(f"connection lost: {exc}" if exc else "connection closed")
 
-    def _end(self, why: str) -> None:
+    def end(self, why: str, broken: bool = False) -> None:
+        """No more replies: close the connection and wake whoever waits.  A server that broke
+        the protocol has its queued replies dropped: none of them can be trusted."""
         self.ended = self.ended or why
+        if broken:
+            self.replies.clear()
         self.transport.close()
         self._wake()
 
@@ -202,11 +211,17 @@ class Session:
             async with asyncio.timeout(self.timeout * n):
                 got = await self.conn.read(n)
         except TimeoutError:
-            self.conn._end("timed out")
+            self.conn.end("timed out")
             raise _Lost(_STAGES[min(stage + len(self.conn.replies), 2)], "timed out waiting for a reply") from None
         if len(got) < n:
             raise _Lost(_STAGES[min(stage + len(got), 2)], self.conn.ended)
         return got
+
+    def _no_success(self, code: int, stage: str) -> None:
+        """A reply that is neither the one expected nor a refusal (4xx, 5xx) breaks the protocol."""
+        if not 400 <= code < 600:
+            self.conn.end(f"unexpected reply {code} to {stage.upper()}", broken=True)
+            raise _Lost(stage, self.conn.ended)
 
     async def _start(self, commands: list[bytes]) -> None:
         """MAIL, RCPT, DATA: in one write when pipelining, else one by one until a refusal.
@@ -223,6 +238,7 @@ class Session:
                     break
         for i, (code, message) in enumerate(replies):
             if code not in _ACCEPTS[i]:
+                self._no_success(code, _STAGES[i])
                 if len(replies) == 3 and replies[2][0] == 354:
                     # DATA was taken although an earlier command was refused: send an empty
                     # message's end so the server leaves the data state, and forget its reply.
@@ -249,6 +265,7 @@ class Session:
             self.conn.transport.write(_data_payload(data))
             [(code, message)] = await self._replies(1, 2)
             if code != 250:
+                self._no_success(code, "data")
                 raise _Refused("data", code, message)
         except _Lost as exc:
             self.usable = False
