@@ -10,7 +10,8 @@ core while the relay's loop keeps talking SMTP.
 The relay sends each helper the exact bytes to sign (mailauth.dkim.canonical_lines) with the
 domain, selector and private key, and gets back the DKIM-Signature header, which it puts in
 front of those bytes.  Frames on the helper's stdin and stdout: a 4-byte big-endian length, then
-a pickled tuple (both ends are this module, in processes this relay started).  A helper answers
+a pickled tuple (both ends are this module, in processes this relay started); the helper's
+first frame is empty and says it is ready, which the relay's start waits for.  A helper answers
 in order, so each one's waiting requests form a FIFO; a request goes to the helper with the
 fewest waiting.  Requests carry no secrets on disk or in argv; the key travels over the pipe.
 
@@ -36,6 +37,7 @@ log = logs.get("mailplat.relay")
 
 _LEN = struct.Struct(">I")
 RESTART_DELAY = 1.0
+READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
 # Bytes queued for one helper before a request waits for the pipe to drain.
 HIGH_WATER = 1 << 20
@@ -54,6 +56,7 @@ class _Helper:
         self.proc = proc
         self.waiting: deque[asyncio.Future] = deque()
         self.alive = True
+        self.ready = asyncio.Event()  # the helper has imported what it signs with
         self.reader: asyncio.Task | None = None
 
 
@@ -64,8 +67,14 @@ class SignerPool:
         self.closed = False
 
     async def start(self) -> None:
-        for slot in range(len(self.slots)):
-            await self._start(slot)
+        """Start the helpers and wait (bounded) until they are ready to sign, so the relay
+        does not lease rows it cannot yet prepare."""
+        helpers = [await self._start(slot) for slot in range(len(self.slots))]
+        waits = [h.ready.wait() for h in helpers if h is not None]
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), READY_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.error("DKIM signing processes not ready after %s s; messages wait for them", READY_TIMEOUT)
 
     async def _start(self, slot: int) -> _Helper | None:
         try:
@@ -117,6 +126,9 @@ class SignerPool:
     async def _read(self, helper: _Helper) -> None:
         stdout = helper.proc.stdout
         try:
+            if _LEN.unpack(await stdout.readexactly(_LEN.size))[0] != 0:
+                raise ConnectionError("the helper did not say it was ready")
+            helper.ready.set()
             while True:
                 size = _LEN.unpack(await stdout.readexactly(_LEN.size))[0]
                 reply = pickle.loads(await stdout.readexactly(size))
@@ -127,6 +139,7 @@ class SignerPool:
             pass
         finally:
             helper.alive = False
+            helper.ready.set()  # nobody waits for a helper that is gone
             while helper.waiting:
                 waiter = helper.waiting.popleft()
                 if not waiter.done():
@@ -158,6 +171,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from ..mailauth.dkim import signature_header
     read, out = sys.stdin.buffer.read, sys.stdout.buffer
+    out.write(_LEN.pack(0))  # ready: an empty frame
+    out.flush()
     while True:
         head = read(_LEN.size)
         if len(head) < _LEN.size:
