@@ -137,6 +137,22 @@ def test_signing_helper_that_dies_is_replaced_and_no_message_waits(env):
     assert dkim_verify_perl(target.wait_count(7)[6].data, dns.port) == ONE_GOOD_SIGNATURE
 
 
+def test_a_large_message_is_prepared_off_the_event_loop_and_arrives_intact(env):
+    """Over client.INLINE_BYTES, the checks, line endings and dot-stuffing run in threads: the
+    copy must still arrive byte-identical in its body and carry one good signature."""
+    from mailplat.relay import client
+
+    server, sink, sender, dns = env
+    target, rdom = sink()
+    line = "." + "x" * 70 + "\n"  # every line starts with a dot: all of them are stuffed
+    text = line * (2 * client.INLINE_BYTES // len(line))
+    send(server, sender, [f"big@{rdom}"], text=text)
+    got = target.wait_count(1)[0]
+    assert len(got.data) > 2 * client.INLINE_BYTES
+    assert got.data.split(b"\r\n").count(b"." + b"x" * 70) == text.count("\n")
+    assert dkim_verify_perl(got.data, dns.port) == ONE_GOOD_SIGNATURE
+
+
 def test_lines_starting_with_a_dot_arrive_intact(env):
     server, sink, sender, dns = env
     target, rdom = sink()

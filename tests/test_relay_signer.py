@@ -80,6 +80,37 @@ def test_requests_of_a_dead_helper_fail_over_and_a_new_one_starts(pem, monkeypat
     assert asyncio.run(run()).startswith(b"DKIM-Signature:")
 
 
+def test_relay_signs_in_a_thread_when_no_helper_can(tmp_path, pem, monkeypatch):
+    """The relay's own fallback: its helper is dead and not due to be started again, so the
+    copy is signed in a thread, byte for byte as a helper would have, instead of failing."""
+    from types import SimpleNamespace
+
+    from mailplat import config as configmod
+    from mailplat.relay.worker import Job, Worker
+    monkeypatch.setattr(signer, "RESTART_DELAY", 3600.0)
+    cfg = configmod.load(data_dir=tmp_path, env={}, check_files=False)
+
+    async def run():
+        relay = Worker(SimpleNamespace(config=cfg, clock=lambda: 0.0, resolver=None))
+        relay.signer = signer.SignerPool(1)
+        await relay.signer.start()
+        helper = relay.signer.slots[0]
+        await relay.signer.signature(dkimsign.canonical_lines(RAW), "example.test", "s1", pem)  # up
+        relay.signer.restart_at = 1e18  # started "just now": no new helper for a long while
+        os.kill(helper.proc.pid, signal.SIGKILL)
+        await asyncio.wait_for(helper.reader, 10)  # the relay has seen it exit
+        message = SimpleNamespace(recipient_variables={}, options={})
+        job = Job(item=SimpleNamespace(message=message, recipient="bob@example.net"), raw=RAW,
+                  domain_row=None, signing=("example.test", "s1", pem))
+        try:
+            with pytest.raises(signer.SignerUnavailable):
+                await relay.signer.signature(b"x\r\n", "example.test", "s1", pem)
+            return await relay._prepare(job)
+        finally:
+            await relay.signer.close()
+    assert asyncio.run(run()) == dkimsign.sign(RAW, "example.test", "s1", pem)
+
+
 def test_relay_without_helpers_signs_in_its_threads(tmp_path, dns_server):
     sink = SmtpSink().start()
     server = start_server(tmp_path / "data", sets=dns_sets(dns_server) + [

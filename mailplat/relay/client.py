@@ -27,6 +27,7 @@ from ..mailauth.tlspolicy import TlsPolicy, client_context
 from .mx import MxHost
 
 MAX_REPLY = 64 * 1024  # bytes of one unfinished reply; more is a broken or hostile server
+INLINE_BYTES = 256 * 1024  # larger messages are scanned or copied in a thread, not on the loop
 MAX_UNREAD = 16        # whole replies nobody asked for yet; more is a broken or hostile server
 NETWORK_ERRORS = (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ssl.SSLError, EOFError)
 _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
@@ -44,6 +45,12 @@ def _path(address: str) -> str:
     taken as it is; anything else goes through aiosmtplib's own parsing and checks, which
     would leave a plain one unchanged anyway."""
     return f"<{address}>" if _PLAIN_ADDRESS.match(address) else quote_address(address)
+
+
+async def whole_message(fn, data: bytes):
+    """fn(data) for work over a whole message: on the event loop when the message is at most
+    INLINE_BYTES (cheaper than a thread hop), else in a thread so the loop is never held up."""
+    return fn(data) if len(data) <= INLINE_BYTES else await asyncio.to_thread(fn, data)
 
 
 def _data_payload(data: bytes) -> bytes:
@@ -262,7 +269,7 @@ class Session:
         try:
             await self._start([b"MAIL FROM:" + mail + mail_option + b"\r\n", b"RCPT TO:" + rcpt + b"\r\n",
                                b"DATA\r\n"])
-            self.conn.transport.write(_data_payload(data))
+            self.conn.transport.write(await whole_message(_data_payload, data))
             [(code, message)] = await self._replies(1, 2)
             if code != 250:
                 self._no_success(code, "data")

@@ -401,18 +401,21 @@ class Worker:
         return asyncio.ensure_future(self._prepare(job))
 
     async def _prepare(self, job: Job) -> bytes:
-        """The exact bytes for this recipient: rendered, then DKIM-signed."""
-        message = job.message
-        if render.verbatim(message, job.raw, job.tracking):
-            data = job.raw
+        """The exact bytes for this recipient: rendered, then DKIM-signed.  Work over the whole
+        message runs on the event loop only for a small one (client.INLINE_BYTES)."""
+        message, raw = job.message, job.raw
+        if raw is None:
+            return b""  # the body is missing: _deliver records that and sends nothing
+        if len(raw) <= client.INLINE_BYTES and render.verbatim(message, raw, job.tracking):
+            data = raw
         else:
-            data = await asyncio.to_thread(render.for_recipient, message, job.raw, job.item.recipient,
+            data = await asyncio.to_thread(render.for_recipient, message, raw, job.item.recipient,
                                            tracking=job.tracking)
         if (message.options or {}).get("dkim") is False or job.signing is None:
-            return dkimsign.normalize_crlf(data)
+            return await client.whole_message(dkimsign.normalize_crlf, data)
         d, selector, pem = job.signing
         if self.signer is not None:
-            data = dkimsign.canonical_lines(data)
+            data = await client.whole_message(dkimsign.canonical_lines, data)
             try:
                 return await self.signer.signature(data, d, selector, pem) + data
             except signer.SignerUnavailable:
