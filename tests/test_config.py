@@ -101,7 +101,7 @@ def test_every_problem_reported_at_once(tmp_path):
         "database": {"url": "mysql://x"},
         "log": {"level": "LOUD", "format": "xml"},
         "tls": {"cert": str(tmp_path / "nope.pem")},
-        "relay": {"retry_schedule": [], "nonsense": 1},
+        "relay": {"retry_schedule": [], "nonsense": 1, "idle_seconds": -1, "signing_processes": -1},
         "bogus": {"x": 1},
     }
     with pytest.raises(configmod.ConfigError) as info:
@@ -110,10 +110,11 @@ def test_every_problem_reported_at_once(tmp_path):
     assert {"api.port", "api.domains_rate_limit_per_minute", "smtp.max_recipients",
             "smtp.max_message_bytes", "smtp.processes", "server.dev_mode", "server.hostname", "database.url",
             "log.level", "log.format", "tls", "tls.cert", "relay.retry_schedule",
-            "relay.nonsense", "bogus"} <= keys
+            "relay.nonsense", "relay.idle_seconds", "relay.signing_processes", "bogus"} <= keys
     reasons = dict(info.value.problems)
     assert "65535" in reasons["api.port"]
     assert reasons["relay.nonsense"] == "unknown setting"
+    assert "0 (close at once) or more seconds" in reasons["relay.idle_seconds"]
     assert "expected true or false" in reasons["server.dev_mode"]
 
 
