@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from tests.conftest import dns_sets
-from tests.relaytest import create_domain, db_url_of, dkim_verify_perl, events, point_mx, send
+from tests.relaytest import create_domain, db_url_of, dkim_verify_perl, events, point_mx, queue_rows, send
 from tests.smtpsink import SmtpSink, free_port
 from tests.support import spawned_children, start_server, wait_for
 
@@ -80,6 +80,25 @@ def test_idle_connection_gives_its_slot_to_another_destination(env):
     second.wait_count(1, timeout=IDLE / 2)
     assert time.monotonic() - started < IDLE / 2
     wait_for(lambda: first.closed == 1, what="the idle connection to close")
+
+
+def test_connection_falling_idle_while_another_destination_waits_closes_at_once(env):
+    server, sink, sender, _ = env
+    busy, rdom1 = sink()
+    busy.stall_data()  # the one connection is busy, not idle, when the second destination asks
+    send(server, sender, [f"first@{rdom1}"])
+    wait_for(lambda: busy.stalled_sessions, what="the first delivery in DATA")
+    waiting, rdom2 = sink()
+    send(server, sender, [f"second@{rdom2}"])
+    # Leased: the relay took the row, and its destination task waits for the slot.
+    wait_for(lambda: any(r["lease_owner"] for r in queue_rows(db_url_of(server.data_dir), f"second@{rdom2}")),
+             what="the second message claimed")
+    started = time.monotonic()
+    busy.unstall()
+    busy.wait_count(1)
+    waiting.wait_count(1, timeout=IDLE / 2)  # not after relay.idle_seconds of lingering
+    assert time.monotonic() - started < IDLE / 2
+    wait_for(lambda: busy.closed == 1, what="the first connection to close")
 
 
 def test_connection_the_remote_closed_is_replaced(env):

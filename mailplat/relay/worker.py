@@ -27,6 +27,7 @@ time.time() plus the number of seconds written in that file, so a test can move 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -147,6 +148,7 @@ class Worker:
         self.dest_tasks: dict[str, int] = defaultdict(int)
         self.tasks: set[asyncio.Task] = set()
         self.conn_slots = asyncio.Semaphore(self.cfg.workers)
+        self.slot_wanted = 0  # destination tasks waiting for a connection slot
         # Destination tasks whose connection is idle, by domain: each waits on its future for
         # True (rows arrived: go on) or False (close: time is up, a slot is wanted, stopping).
         self.idle: dict[str, list[asyncio.Future]] = defaultdict(list)
@@ -329,9 +331,7 @@ class Worker:
 
     async def _destination(self, domain: str) -> None:
         try:
-            if self.conn_slots.locked():
-                self._close_an_idle_connection()
-            async with self.conn_slots:
+            async with self._slot():
                 session: client.Session | None = None
                 ahead: tuple[Job, asyncio.Future] | None = None
                 try:
@@ -365,10 +365,27 @@ class Worker:
                 if self.dest_tasks[domain] <= 0:
                     self.dest_tasks.pop(domain, None)
 
+    @contextlib.asynccontextmanager
+    async def _slot(self):
+        """One of relay.workers connection slots.  While a task waits for one, idle connections
+        give theirs up: one at once, and any that falls idle later instead of lingering."""
+        self.slot_wanted += 1
+        try:
+            if self.conn_slots.locked():
+                self._close_an_idle_connection()
+            await self.conn_slots.acquire()
+        finally:
+            self.slot_wanted -= 1
+        try:
+            yield
+        finally:
+            self.conn_slots.release()
+
     async def _linger(self, domain: str, session: client.Session | None) -> bool:
         """Keep an idle connection open for more rows to its destination: True when some
         arrived, False when it should close."""
-        if session is None or not session.open or self.stopping or self.cfg.idle_seconds <= 0:
+        if (session is None or not session.open or self.stopping or self.cfg.idle_seconds <= 0
+                or self.slot_wanted):
             return False
         waiter = self.loop.create_future()
         waiters = self.idle[domain]
